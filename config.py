@@ -1,0 +1,313 @@
+"""One validated config: `config.yaml` + dotted overrides -> frozen, typed dataclasses.
+
+Every check on a user's settings lives here, and every failure is a `ConfigError` whose one-line
+message names the key (or the file). `cli()` turns that into exit status 2 with no traceback, so
+data.py and train.py share one grammar: `--config FILE key.sub=value ...` (values are YAML).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad setting. The message is one line and names the key or the file."""
+
+
+def _check(fn: Callable[[Any], bool], what: str) -> dict:
+    return {"check": fn, "what": what}
+
+
+def _choices(*options: Any) -> dict:
+    return _check(lambda v: v in options and type(v) in {type(o) for o in options},
+                  "one of " + ", ".join(map(str, options)))
+
+
+def _safe_relative(value: str) -> bool:
+    """Outputs stay under the working folder: no absolute paths, no `..`."""
+    p = Path(value)
+    return bool(value) and not p.is_absolute() and ".." not in p.parts and "\x00" not in value
+
+
+_POS = _check(lambda v: v > 0, "> 0")
+_NONNEG = _check(lambda v: v >= 0, ">= 0")
+_PROB = _check(lambda v: 0 <= v < 1, "in [0, 1)")
+_UNIT_OPEN = _check(lambda v: 0 < v < 1, "in (0, 1)")
+
+
+@dataclass(frozen=True)
+class Data:
+    dataset: str = field(default="cifar10", metadata=_choices("cifar10", "fashion-mnist"))
+    source: str | None = None  # URL or path; None: the dataset's official source
+    md5: str | None = field(default=None, metadata=_check(
+        lambda v: v is None or re.fullmatch(r"[0-9a-fA-F]{32}", v) is not None, "32 hex digits"))
+    root: str = "data/raw"  # download cache
+    subset: int | None = field(default=None, metadata=_check(lambda v: v is None or v >= 1, ">= 1"))
+    random_flip: bool = True
+    num_workers: int = field(default=0, metadata=_check(lambda v: v == 0, "0 (the in-memory loader)"))
+
+
+@dataclass(frozen=True)
+class Model:
+    channels: int = field(default=128, metadata=_POS)
+    channel_mult: tuple[int, ...] = field(default=(1, 2, 2, 2), metadata=_check(
+        lambda v: 1 <= len(v) <= 5 and all(m >= 1 for m in v), "1 to 5 integers >= 1"))
+    num_res_blocks: int = field(default=2, metadata=_check(lambda v: 1 <= v <= 8, "in [1, 8]"))
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = field(default=0.1, metadata=_PROB)
+
+
+@dataclass(frozen=True)
+class Diffusion:
+    num_timesteps: int = field(default=1000, metadata=_check(lambda v: 1 <= v <= 100_000, "in [1, 100000]"))
+    beta_start: float = field(default=1e-4, metadata=_UNIT_OPEN)
+    beta_end: float = field(default=0.02, metadata=_UNIT_OPEN)
+    schedule: str = field(default="linear", metadata=_choices("linear", "cosine"))
+
+
+@dataclass(frozen=True)
+class Train:
+    epochs: int = field(default=2046, metadata=_check(lambda v: 1 <= v <= 10**7, "in [1, 10000000]"))
+    batch_size: int = field(default=128, metadata=_check(lambda v: 1 <= v <= 2**20, "in [1, 1048576]"))
+    optimizer: str = field(default="adam", metadata=_choices("adam", "sgd"))
+    lr: float = field(default=2e-4, metadata=_check(lambda v: 0 < v <= 10, "in (0, 10]"))
+    momentum: float = field(default=0.9, metadata=_PROB)
+    weight_decay: float = field(default=0.0, metadata=_NONNEG)
+    warmup_steps: int = field(default=5000, metadata=_NONNEG)
+    grad_clip: float | None = field(default=1.0, metadata=_check(lambda v: v is None or v > 0, "> 0 or null"))
+    ema_decay: float = field(default=0.9999, metadata=_PROB)
+    precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
+    compile: bool | str = field(default="auto", metadata=_choices("auto", True, False))
+    channels_last: bool | str = field(default="auto", metadata=_choices("auto", True, False))
+    checkpoint_every: int = field(default=5000, metadata=_check(lambda v: v >= 1, ">= 1"))
+
+
+@dataclass(frozen=True)
+class Sample:
+    every_epochs: int = field(default=10, metadata=_check(lambda v: v >= 0, ">= 0 (0: never)"))
+    num_images: int = field(default=64, metadata=_check(lambda v: 1 <= v <= 100_000, "in [1, 100000]"))
+    steps: int | None = field(default=None, metadata=_check(lambda v: v is None or v >= 1, ">= 1 or null"))
+    variance: str = field(default="beta", metadata=_choices("beta", "posterior"))
+    clip: bool = True
+
+
+@dataclass(frozen=True)
+class Wandb:
+    mode: str = field(default="auto", metadata=_choices("auto", "online", "offline", "disabled"))
+    project: str = "ddpm-cifar10"
+    entity: str | None = None
+    log_every: int = field(default=100, metadata=_check(lambda v: v >= 1, ">= 1"))
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = field(default=0, metadata=_check(lambda v: 0 <= v < 2**63, "in [0, 2**63)"))
+    device: str = field(default="auto", metadata=_check(
+        lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"))
+    out_dir: str = field(default="runs/default", metadata=_check(_safe_relative, "a relative path without '..'"))
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    diffusion: Diffusion = field(default_factory=Diffusion)
+    train: Train = field(default_factory=Train)
+    sample: Sample = field(default_factory=Sample)
+    wandb: Wandb = field(default_factory=Wandb)
+
+
+# Keys that may change between an interrupted run and its resume without changing its result.
+RESUMABLE_KEYS = frozenset({"device", "train.epochs", "train.checkpoint_every", "data.num_workers", "data.root",
+                            "data.source", "data.md5", "wandb.mode", "wandb.project", "wandb.entity", "wandb.log_every"})
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming the key."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, __import__("types").UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} has the wrong type")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of integers, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # PyYAML reads 1e-4 as a string
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}"[:200])
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if f.name not in raw:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], raw[f.name], key + ".")
+            continue
+        value = _coerce(raw[f.name], hints[f.name], key)
+        if "check" in f.metadata and not f.metadata["check"](value):
+            raise ConfigError(f"{key}: {value!r} is out of range (must be {f.metadata['what']})"[:300])
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config) -> None:
+    d, s = cfg.diffusion, cfg.sample
+    if d.schedule == "linear" and d.beta_start > d.beta_end:
+        raise ConfigError(f"diffusion.beta_start: {d.beta_start} is larger than diffusion.beta_end {d.beta_end}")
+    if s.steps is not None and s.steps > d.num_timesteps:
+        raise ConfigError(f"sample.steps: {s.steps} is more than diffusion.num_timesteps {d.num_timesteps}")
+    if cfg.train.precision == "fp16" and cfg.device == "cpu":
+        raise ConfigError("train.precision: fp16 needs a CUDA device (device is cpu)")
+    from unet import check_args  # the UNet's own rules, in one place
+    try:
+        check_args(cfg.model.channels, cfg.model.channel_mult, cfg.model.attn_resolutions, image_size=32)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def _set(raw: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_]+(\.[A-Za-z_]+)*", key):
+        raise ConfigError(f"override {override!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"{key}: cannot parse {text!r} as YAML ({type(e).__name__})") from None
+    *parents, leaf = key.split(".")
+    node, cls = raw, Config
+    for i, p in enumerate(parents):
+        sub = {f.name: f for f in dataclasses.fields(cls)}.get(p)
+        if sub is None or not dataclasses.is_dataclass(typing.get_type_hints(cls)[p]):
+            raise ConfigError(f"{'.'.join(parents[:i + 1])}: unknown section in override {override!r}")
+        cls = typing.get_type_hints(cls)[p]
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(parents[:i + 1])}: expected a mapping")
+    if leaf not in {f.name for f in dataclasses.fields(cls)}:
+        raise ConfigError(f"{key}: unknown key")
+    node[leaf] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a config file; every way it can be unreadable is a one-line ConfigError."""
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+        raw = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    except (RecursionError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read config ({type(e).__name__})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Build the validated Config from a YAML file (None: all defaults) and `key.sub=value` overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    for o in overrides:
+        _set(raw, o)
+    try:
+        cfg = _build(Config, raw, "")
+    except RecursionError:
+        raise ConfigError("config: nested too deeply") from None
+    _cross_checks(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (lists, not tuples): for YAML, JSON, wandb and checkpoints."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return list(v) if isinstance(v, tuple) else v
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of to_dict (used when a checkpoint is loaded)."""
+    return _build(Config, d, "")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def cli(description: str, argv: Sequence[str] | None = None,
+        extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse `--config FILE [key=value ...]`; on a bad config print one line and exit 2."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="config.yaml", help="YAML config file (default: config.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a config key (YAML value)")
+    if extra:
+        extra(parser)
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides), args
+    except ConfigError as e:
+        fail(str(e))
+
+
+def fail(message: str, code: int = 2) -> typing.NoReturn:
+    """One clear line on stderr, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,194 @@
+"""DDPM math as pure functions (Ho et al. 2020, arXiv:2006.11239): no nn.Module, no I/O, no globals.
+
+Timesteps are 0-indexed: `t` in [0, T), where t = 0 is the paper's t = 1. Randomness is injected
+(`noise`, `generator`) so every function here is deterministic given its arguments.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Model = Callable[[Tensor, Tensor], Tensor]  # model(x_t (B, C, H, W), t (B,) long) -> predicted eps
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every per-timestep constant of the forward and reverse process: 1-D float32 tensors of length T."""
+    betas: Tensor
+    alphas: Tensor
+    alphas_cumprod: Tensor                    # ᾱ_t
+    alphas_cumprod_prev: Tensor               # ᾱ_{t-1}, with ᾱ_{-1} = 1
+    sqrt_alphas_cumprod: Tensor
+    sqrt_one_minus_alphas_cumprod: Tensor
+    sqrt_recip_alphas_cumprod: Tensor         # 1 / sqrt(ᾱ_t)
+    sqrt_recipm1_alphas_cumprod: Tensor       # sqrt(1 / ᾱ_t - 1)
+    posterior_variance: Tensor                # β̃_t, eq. 7
+    posterior_log_variance_clipped: Tensor    # log β̃_t, with β̃_0 (= 0) replaced by β̃_1
+    posterior_mean_coef1: Tensor              # eq. 7: coefficient of x_0
+    posterior_mean_coef2: Tensor              # eq. 7: coefficient of x_t
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
+
+    def to(self, device: torch.device | str) -> "Schedule":
+        return Schedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def schedule_from_betas(betas: Tensor) -> Schedule:
+    """All derived quantities from float64 betas, computed in float64 and cast once to float32."""
+    assert betas.dtype == torch.float64 and betas.ndim == 1, (betas.dtype, betas.shape)
+    alphas = 1.0 - betas
+    ac = torch.cumprod(alphas, 0)
+    ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    # β̃_0 = 0: its log is clipped to β̃_1 (never used, as no noise is added at t = 0).
+    post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]) if len(betas) > 1 else betas)
+    fields64 = dict(
+        betas=betas, alphas=alphas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
+        sqrt_alphas_cumprod=ac.sqrt(), sqrt_one_minus_alphas_cumprod=(1.0 - ac).sqrt(),
+        sqrt_recip_alphas_cumprod=ac.rsqrt(), sqrt_recipm1_alphas_cumprod=(1.0 / ac - 1.0).sqrt(),
+        posterior_variance=post_var, posterior_log_variance_clipped=post_log_var,
+        posterior_mean_coef1=betas * ac_prev.sqrt() / (1.0 - ac),
+        posterior_mean_coef2=(1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
+    )
+    return Schedule(**{k: v.to(torch.float32) for k, v in fields64.items()})
+
+
+def make_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                  kind: str = "linear") -> Schedule:
+    """The noise schedule: "linear" (paper §4: β linear from 1e-4 to 0.02 over T = 1000) or "cosine"
+    (Nichol & Dhariwal 2021, eq. 17, β clipped at 0.999; beta_start and beta_end do not apply)."""
+    if not isinstance(num_timesteps, int) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
+    if not 0 < beta_start <= beta_end < 1:  # also rejects NaN
+        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start!r}, beta_end={beta_end!r}")
+    if kind == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    elif kind == "cosine":
+        s = 0.008
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1.0 - f[1:] / f[:-1]).clamp(max=0.999)
+    else:
+        raise ValueError(f"kind must be 'linear' or 'cosine', got kind={kind!r}")
+    return schedule_from_betas(betas)
+
+
+def extract(field: Tensor, t: Tensor, x_shape: torch.Size) -> Tensor:
+    """`field[t]` reshaped to (B, 1, 1, 1) so it broadcasts over x of shape (B, C, H, W); never silently."""
+    assert t.ndim == 1 and t.shape[0] == x_shape[0], f"t must have shape ({x_shape[0]},), got {tuple(t.shape)}"
+    assert t.dtype == torch.long, f"t must be a LongTensor, got {t.dtype}"
+    assert field.device == t.device, f"schedule is on {field.device} but t is on {t.device}: use schedule.to(device)"
+    return field[t].reshape(t.shape[0], *([1] * (len(x_shape) - 1)))
+
+
+def q_sample(schedule: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """Forward process, eq. 4: x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε."""
+    assert noise.shape == x0.shape, (noise.shape, x0.shape)
+    return (extract(schedule.sqrt_alphas_cumprod, t, x0.shape).to(x0.dtype) * x0
+            + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.shape).to(x0.dtype) * noise)
+
+
+def _randn(shape: tuple, generator: torch.Generator | None, device: torch.device, dtype=torch.float32) -> Tensor:
+    """Standard normal noise drawn on the generator's device, returned on `device`."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def loss(schedule: Schedule, model: Model, x0: Tensor, *, t: Tensor | None = None, noise: Tensor | None = None,
+         generator: torch.Generator | None = None) -> Tensor:
+    """L_simple (Algorithm 1, eq. 14): E_{t, ε} ||ε - ε_θ(x_t, t)||², t uniform in [0, T), ε ~ N(0, I)."""
+    B = x0.shape[0]
+    if t is None:
+        gen_device = generator.device if generator is not None else x0.device
+        t = torch.randint(0, schedule.num_timesteps, (B,), generator=generator, device=gen_device).to(x0.device)
+    if noise is None:
+        noise = _randn(x0.shape, generator, x0.device, x0.dtype)
+    eps = model(q_sample(schedule, x0, t, noise), t)
+    assert eps.shape == x0.shape, f"model returned {tuple(eps.shape)}, expected {tuple(x0.shape)}"
+    return torch.mean((eps.float() - noise.float()) ** 2)
+
+
+def p_sample_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, noise: Tensor, *,
+                  variance: str = "beta", clip: bool = True) -> Tensor:
+    """One reverse step x_t -> x_{t-1} (Algorithm 2). With `clip`, predict x_0 from ε (eq. 15 inverted),
+    clamp it to [-1, 1] and take the posterior mean (eq. 7); without, the mean of eq. 11 directly.
+    σ² = β_t ("beta", the paper's CIFAR-10 choice) or β̃_t ("posterior"). No noise at t = 0."""
+    assert eps.shape == x_t.shape == noise.shape, (eps.shape, x_t.shape, noise.shape)
+    shape = x_t.shape
+    if clip:
+        x0 = (extract(schedule.sqrt_recip_alphas_cumprod, t, shape) * x_t
+              - extract(schedule.sqrt_recipm1_alphas_cumprod, t, shape) * eps).clamp(-1.0, 1.0)
+        mean = extract(schedule.posterior_mean_coef1, t, shape) * x0 + extract(schedule.posterior_mean_coef2, t, shape) * x_t
+    else:  # eq. 11
+        mean = (x_t - extract(schedule.betas / schedule.sqrt_one_minus_alphas_cumprod, t, shape) * eps) \
+            * extract(schedule.alphas.rsqrt(), t, shape)
+    if variance == "beta":
+        std = extract(schedule.betas.sqrt(), t, shape)
+    elif variance == "posterior":
+        std = extract((0.5 * schedule.posterior_log_variance_clipped).exp(), t, shape)
+    else:
+        raise ValueError(f"variance must be 'beta' or 'posterior', got variance={variance!r}")
+    nonzero = (t != 0).reshape(-1, *([1] * (len(shape) - 1))).to(x_t.dtype)
+    return mean + nonzero * std * noise
+
+
+def respace(schedule: Schedule, steps: int) -> tuple[Schedule, Tensor]:
+    """A schedule on `steps` evenly spaced timesteps of [0, T) (Nichol & Dhariwal 2021, §4): β recomputed
+    from ᾱ on the subsequence, β'_i = 1 - ᾱ_{τ_i} / ᾱ_{τ_{i-1}}. Returns it and the original indices τ."""
+    T = schedule.num_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got steps={steps!r}")
+    if steps == T:
+        return schedule, torch.arange(T, device=schedule.device)
+    # τ_0 = 0 and τ_{steps-1} = T - 1, rounded to the nearest index in between.
+    taus = torch.tensor(sorted({round(i * (T - 1) / max(steps - 1, 1)) for i in range(steps)}) if steps > 1 else [T - 1])
+    ac = schedule.alphas_cumprod.cpu().double()[taus]
+    betas = 1.0 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
+    return schedule_from_betas(betas).to(schedule.device), taus.to(schedule.device)
+
+
+@torch.no_grad()
+def sample(schedule: Schedule, model: Model, shape: tuple[int, ...], *, steps: int | None = None,
+           variance: str = "beta", clip: bool = True, generator: torch.Generator | None = None,
+           device: torch.device | str | None = None, progress: bool = False) -> Tensor:
+    """Ancestral sampling (Algorithm 2) from x_T ~ N(0, I); returns images in [-1, 1] on `device`
+    (default: the schedule's). With `steps` < T, samples on a respaced schedule (see `respace`);
+    the model still receives the original timestep indices."""
+    device = torch.device(device) if device is not None else schedule.device
+    sched, taus = respace(schedule.to(device), steps if steps is not None else schedule.num_timesteps)
+    x = _randn(shape, generator, device)
+    indices = range(len(taus) - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+        indices = tqdm(indices, desc="sampling", unit="step", leave=False)
+    for i in indices:
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        eps = model(x, taus[t])
+        x = p_sample_step(sched, eps.to(x.dtype), x, t, _randn(shape, generator, device), variance=variance, clip=clip)
+    return x.clamp(-1.0, 1.0)
+
+
+def to_unit(x: Tensor) -> Tensor:
+    """Model range [-1, 1] -> floats in [0, 1] (for image grids)."""
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Model range [-1, 1] -> uint8 pixels in [0, 255], rounded."""
+    return (to_unit(x) * 255.0).round().to(torch.uint8)
+
+
+def from_uint8(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 pixels in [0, 255] -> model range [-1, 1]; exact inverse of `to_uint8` on uint8 input."""
+    assert images.dtype == torch.uint8, images.dtype
+    return images.to(dtype) / 127.5 - 1.0
