@@ -104,15 +104,22 @@ def _randn(shape: tuple, generator: torch.Generator | None, device: torch.device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+def draw_t_noise(schedule: Schedule, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Algorithm 1's randomness for a batch of `shape`: t ~ Uniform{0..T-1} of shape (B,), then ε ~ N(0, I)."""
+    device = torch.device(device)
+    gen_device = generator.device if generator is not None else device
+    t = torch.randint(0, schedule.num_timesteps, (shape[0],), generator=generator, device=gen_device).to(device)
+    return t, _randn(tuple(shape), generator, device, dtype)
+
+
 def loss(schedule: Schedule, model: Model, x0: Tensor, *, t: Tensor | None = None, noise: Tensor | None = None,
          generator: torch.Generator | None = None) -> Tensor:
     """L_simple (Algorithm 1, eq. 14): E_{t, ε} ||ε - ε_θ(x_t, t)||², t uniform in [0, T), ε ~ N(0, I)."""
-    B = x0.shape[0]
-    if t is None:
-        gen_device = generator.device if generator is not None else x0.device
-        t = torch.randint(0, schedule.num_timesteps, (B,), generator=generator, device=gen_device).to(x0.device)
-    if noise is None:
-        noise = _randn(x0.shape, generator, x0.device, x0.dtype)
+    if t is None or noise is None:
+        t_drawn, noise_drawn = draw_t_noise(schedule, x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = t_drawn if t is None else t
+        noise = noise_drawn if noise is None else noise
     eps = model(q_sample(schedule, x0, t, noise), t)
     assert eps.shape == x0.shape, f"model returned {tuple(eps.shape)}, expected {tuple(x0.shape)}"
     return torch.mean((eps.float() - noise.float()) ** 2)

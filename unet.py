@@ -142,7 +142,7 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
-            h = self._apply(layer, h, temb)
+            h = self._run_layer(layer, h, temb)
             hs.append(h)
         h = self.mid[0](h, temb)
         h = self.mid[1](h)
@@ -150,12 +150,12 @@ class UNet(nn.Module):
         for layer in self.up:
             if isinstance(layer, nn.ModuleList):
                 h = torch.cat([h, hs.pop()], dim=1)
-            h = self._apply(layer, h, temb)
+            h = self._run_layer(layer, h, temb)
         assert not hs
         return self.conv_out(F.silu(self.norm_out(h)))
 
     @staticmethod
-    def _apply(layer: nn.Module, h: Tensor, temb: Tensor) -> Tensor:
+    def _run_layer(layer: nn.Module, h: Tensor, temb: Tensor) -> Tensor:
         if not isinstance(layer, nn.ModuleList):  # down- or upsampling
             return layer(h)
         h = layer[0](h, temb)

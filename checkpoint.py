@@ -1,0 +1,101 @@
+"""Everything a run writes or reads back as state: atomic file writes, checkpoints, image grids.
+
+A reader never sees a half-written file: each write goes to a temporary file in the same folder, is
+fsynced, and replaces the target with one `os.replace`. The previous file stays valid until then.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+FORMAT = 1  # bump when the checkpoint layout changes
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line and says what to do."""
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash at any moment leaves either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load with `weights_only=True` (no arbitrary code); every failure is a CheckpointError."""
+    path = Path(path)
+    how = f"(delete it or pass --fresh to start over)"
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint") from None
+    except Exception as e:  # truncated zip, bad pickle, disallowed global: all mean "not a usable checkpoint"
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({reason}) {how}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (format "
+                              f"{state.get('format') if isinstance(state, dict) else '?'}, expected {FORMAT}) {how}")
+    missing = {"model", "ema", "optimizer", "config", "model_args", "step", "epoch"} - state.keys()
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {sorted(missing)} {how}")
+    return state
+
+
+def model_from_checkpoint(state: dict, *, ema: bool = True, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the UNet from the checkpoint's constructor arguments alone; EMA weights by default."""
+    from unet import UNet
+    model = UNet(**state["model_args"])
+    try:
+        model.load_state_dict(state["ema" if ema else "model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit its model_args: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:
+    """uint8 (N, C, H, W) -> one uint8 (H', W', 3) grid with a 2-pixel border, for PNG files and wandb."""
+    assert images.dtype == torch.uint8 and images.ndim == 4, (images.dtype, images.shape)
+    from torchvision.utils import make_grid
+    nrow = nrow or max(1, int(len(images) ** 0.5))
+    grid = make_grid(images.cpu(), nrow=nrow, padding=2)  # grayscale becomes 3 channels here
+    return grid.permute(1, 2, 0).contiguous()
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> None:
+    """Write uint8 images (N, C, H, W) as a PNG grid, atomically."""
+    from torchvision.io import encode_png
+    atomic_write(path, encode_png(image_grid(images, nrow).permute(2, 0, 1)).numpy().tobytes())

@@ -1,0 +1,84 @@
+"""Sample images from a checkpoint, with no config file needed:
+
+    python sample.py --checkpoint runs/default/checkpoint.pt --num-images 64 --steps 1000 --out samples.png
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import ddpm
+from checkpoint import CheckpointError, atomic_write, load_checkpoint, model_from_checkpoint, save_grid
+
+
+def schedule_from_config(cfg: dict) -> ddpm.Schedule:
+    d = cfg["diffusion"]
+    return ddpm.make_schedule(d["num_timesteps"], d["beta_start"], d["beta_end"], d["schedule"])
+
+
+def generate(model: torch.nn.Module, schedule: ddpm.Schedule, num_images: int, *, batch_size: int = 256,
+             steps: int | None = None, variance: str = "beta", clip: bool = True, seed: int = 0,
+             device: torch.device | str = "cpu", progress: bool = False) -> Tensor:
+    """`num_images` samples as uint8 (N, C, H, W) on the CPU. Batch k uses the generator seeded with
+    `seed + k`, so the images do not depend on what else was sampled before them."""
+    device = torch.device(device)
+    schedule = schedule.to(device)
+    shape = (model.in_channels, model.image_size, model.image_size)
+    out = []
+    for k, start in enumerate(range(0, num_images, batch_size)):
+        n = min(batch_size, num_images - start)
+        gen = torch.Generator(device).manual_seed(seed + k)
+        x = ddpm.sample(schedule, model, (n, *shape), steps=steps, variance=variance, clip=clip, generator=gen,
+                        device=device, progress=progress)
+        out.append(ddpm.to_uint8(x).cpu())
+    return torch.cat(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train.py")
+    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all; fewer = respaced)")
+    p.add_argument("--variance", choices=["beta", "posterior"], default="beta")
+    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--out", default="samples.png", help="PNG grid to write")
+    p.add_argument("--npz", default=None, help="also write the uint8 images (N, H, W, C) to this .npz (key arr_0)")
+    args = p.parse_args(argv)
+    try:
+        if args.num_images < 1 or args.batch_size < 1:
+            raise ValueError("--num-images and --batch-size must be >= 1")
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if args.device == "auto" else args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device is available")
+        state = load_checkpoint(args.checkpoint)
+        schedule = schedule_from_config(state["config"])
+        if args.steps is not None and not 1 <= args.steps <= schedule.num_timesteps:
+            raise ValueError(f"--steps must be in [1, {schedule.num_timesteps}], got {args.steps}")
+        model = model_from_checkpoint(state, ema=not args.raw, device=device)
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    images = generate(model, schedule, args.num_images, batch_size=args.batch_size, steps=args.steps,
+                      variance=args.variance, clip=not args.no_clip, seed=args.seed, device=device, progress=True)
+    save_grid(images, args.out)
+    if args.npz:
+        import io
+        buf = io.BytesIO()
+        np.savez(buf, images.permute(0, 2, 3, 1).numpy())
+        atomic_write(args.npz, buf.getvalue())
+    print(f"wrote {len(images)} images (step {state['step']}, {'raw' if args.raw else 'EMA'} weights) to {args.out}"
+          + (f" and {args.npz}" if args.npz else ""))
+
+
+if __name__ == "__main__":
+    main()
