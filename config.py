@@ -19,6 +19,27 @@ from typing import Any, Callable, Sequence
 import yaml
 
 
+GROUPS = 32
+
+
+def check_unet_args(channels: int, channel_mult: Sequence[int], attn_resolutions: Sequence[int], image_size: int,
+                    in_channels: int = 3) -> None:
+    """Raise ValueError for settings the network cannot be built with (UNet uses this too)."""
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if channels < 1 or channels % GROUPS:
+        raise ValueError(f"channels must be a positive multiple of {GROUPS} (GroupNorm groups), got {channels}")
+    if not channel_mult or any(m < 1 for m in channel_mult):
+        raise ValueError(f"channel_mult must be non-empty positive integers, got {tuple(channel_mult)}")
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size < 1 or image_size % factor:
+        raise ValueError(f"image_size {image_size} is not divisible by 2^(len(channel_mult) - 1) = {factor}")
+    reached = {image_size // 2 ** i for i in range(len(channel_mult))}
+    missing = sorted(set(attn_resolutions) - reached)
+    if missing:
+        raise ValueError(f"attn_resolutions {missing} are never reached (resolutions: {sorted(reached, reverse=True)})")
+
+
 class ConfigError(ValueError):
     """A bad setting. The message is one line and names the key or the file."""
 
@@ -197,9 +218,8 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"sample.steps: {s.steps} is more than diffusion.num_timesteps {d.num_timesteps}")
     if cfg.train.precision == "fp16" and cfg.device == "cpu":
         raise ConfigError("train.precision: fp16 needs a CUDA device (device is cpu)")
-    from unet import check_args  # the UNet's own rules, in one place
     try:
-        check_args(cfg.model.channels, cfg.model.channel_mult, cfg.model.attn_resolutions, image_size=32)
+        check_unet_args(cfg.model.channels, cfg.model.channel_mult, cfg.model.attn_resolutions, image_size=32)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 

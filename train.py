@@ -277,7 +277,7 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
 
     # A fixed held-out batch, timesteps and noise for the EMA loss (comparable across epochs and runs).
-    held = ddpm.from_uint8(data.load_dataset(data_dir / "test.npy", 256)).to(device)
+    held = ddpm.from_uint8(data.load_dataset(data_dir / "test.npy")[:256]).to(device)
     held_t, held_noise = ddpm.draw_t_noise(schedule, held.shape, device=device,
                                            generator=torch.Generator(device).manual_seed(derive_seed(cfg.seed, 4)))
 

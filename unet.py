@@ -13,25 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-GROUPS = 32
-
-
-def check_args(channels: int, channel_mult: Sequence[int], attn_resolutions: Sequence[int], image_size: int,
-               in_channels: int = 3) -> None:
-    """Raise ValueError for settings the network cannot be built with (also used by config validation)."""
-    if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-    if channels < 1 or channels % GROUPS:
-        raise ValueError(f"channels must be a positive multiple of {GROUPS} (GroupNorm groups), got {channels}")
-    if not channel_mult or any(m < 1 for m in channel_mult):
-        raise ValueError(f"channel_mult must be non-empty positive integers, got {tuple(channel_mult)}")
-    factor = 2 ** (len(channel_mult) - 1)
-    if image_size < 1 or image_size % factor:
-        raise ValueError(f"image_size {image_size} is not divisible by 2^(len(channel_mult) - 1) = {factor}")
-    reached = {image_size // 2 ** i for i in range(len(channel_mult))}
-    missing = sorted(set(attn_resolutions) - reached)
-    if missing:
-        raise ValueError(f"attn_resolutions {missing} are never reached (resolutions: {sorted(reached, reverse=True)})")
+from config import GROUPS, check_unet_args as check_args  # the settings rules live with the config
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
