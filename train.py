@@ -26,7 +26,8 @@ from torch import Tensor
 
 import data
 import ddpm
-from checkpoint import CheckpointError, image_grid, load_checkpoint, save_checkpoint, save_grid, write_json, atomic_write
+from checkpoint import (CheckpointError, atomic_write, image_grid, load_checkpoint, remove_stale_temps,
+                        save_checkpoint, save_grid, write_json)
 from config import RESUMABLE_KEYS, Config, ConfigError, cli, fail, flatten, to_dict
 from sample import generate
 from unet import UNet
@@ -227,6 +228,8 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
         import yaml
         atomic_write(out / "config.resolved.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
         (out / "samples").mkdir(exist_ok=True)  # a DVC out, even when no grid is due
+        for folder in (out, out / "samples"):
+            remove_stale_temps(folder)  # left by a run killed mid-write
 
     torch.manual_seed(derive_seed(cfg.seed, 0))
     model_args = dict(in_channels=images.shape[1], channels=cfg.model.channels,
