@@ -77,7 +77,9 @@ class UNet(nn.Module):
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_channels, self.image_size = in_channels, image_size
-        out_channels = out_channels or in_channels
+        out_channels = in_channels if out_channels is None else out_channels
+        if out_channels < 1:
+            raise ValueError(f"out_channels must be >= 1, got {out_channels}")
         temb_dim = 4 * channels
         self.channels = channels
         self.temb = nn.Sequential(nn.Linear(channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
