@@ -1,0 +1,405 @@
+"""FID and Inception Score of a checkpoint's EMA samples, resumable:
+
+    python evaluate.py --checkpoint runs/default/checkpoint.pt --num-samples 50000 --steps 1000
+
+FID (Heusel et al. 2017) against the training set and IS (Salimans et al. 2016), as in Ho et al. 2020, Table 1.
+Samples go to <checkpoint dir>/eval/samples_<steps>_<variance>_<seed>/ in shards written atomically, so an
+interrupted run continues where it stopped; the result to <checkpoint dir>/eval.json. The network is
+torch-fidelity's port of the TF FID Inception (requirements-eval.txt), never downloaded from here.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import sample
+from checkpoint import CheckpointError, atomic_write, load_checkpoint, model_from_checkpoint, write_json
+
+PAPER = {"fid": 3.17, "is_mean": 9.46, "num_samples": 50_000, "steps": 1000, "dataset": "cifar10", "variance": "beta"}
+IS_SPLITS = 10           # Salimans et al.'s code: the score's mean and std over 10 parts
+SEED_STRIDE = 2 ** 20    # shard k of --seed s uses generator seed s * SEED_STRIDE + k: seeds share no shard
+MAX_SEED = 2 ** 40
+INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the FID Inception; the stats cache key
+
+
+class EvalError(Exception):
+    """A problem found before anything is sampled; the message is one line and says what to do."""
+
+
+class Extractor(Protocol):
+    """uint8 images (B, 3, H, W) -> (pool features (B, D), logits (B, K)); `name` keys the stats cache."""
+    name: str
+
+    def __call__(self, images: Tensor) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]: ...
+
+
+# ---------------------------------------------------------------- the math (numpy, float64)
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of features (N, D), the Gaussian that FID fits (unbiased, as TTUR)."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, D), got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric PSD matrix; eigenvalues below 0 (rounding) count as 0."""
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between N(mu1, S1) and N(mu2, S2) (Heusel et al. 2017):
+    ||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^{1/2}).
+
+    Tr((S1 S2)^{1/2}) is taken as Tr((√S1 S2 √S1)^{1/2}): the two matrices are similar, and the second is
+    symmetric PSD, so its eigenvalues come from `eigvalsh`, real and stable even when S1 or S2 is singular
+    (no eps * I retry, no complex parts to drop). Rounding below 0 is returned as 0."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    d = mu1.shape[0] if mu1.ndim == 1 else -1
+    if not (mu1.shape == mu2.shape == (d,) and s1.shape == s2.shape == (d, d)):
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
+                         " (a reference made with another feature extractor?)")
+    r = _psd_sqrt(s1)
+    m = r @ s2 @ r
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    diff = mu1 - mu2
+    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean))
+
+
+def inception_score(logits: np.ndarray, splits: int = IS_SPLITS) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016) on each of `splits` consecutive parts, p(y) being the
+    part's mean prediction; returns the mean and std over the parts. `logits` (N, K) are unnormalised
+    log-probabilities, so log(probs) works too: a zero probability adds 0 · log 0 = 0."""
+    z = np.asarray(logits, dtype=np.float64)
+    n = z.shape[0] if z.ndim == 2 else 0
+    if n < splits or splits < 1:
+        raise ValueError(f"need logits (N, K) with N >= splits = {splits}, got shape {z.shape}")
+    scores = []
+    for i in range(splits):
+        part = z[i * n // splits:(i + 1) * n // splits]
+        shifted = part - part.max(axis=1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))  # log p(y|x)
+        p = np.exp(log_p)
+        py = p.mean(axis=0, keepdims=True)                                      # p(y) of this part
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(p > 0, p * (log_p - np.log(py)), 0.0).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ---------------------------------------------------------------- features
+
+def to_rgb(images: Tensor) -> Tensor:
+    """uint8 (N, C, H, W) with C = 3, or C = 1 repeated to 3 (Inception takes RGB)."""
+    assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] in (1, 3), (images.dtype, images.shape)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def extract_features(images: Tensor, extractor: Extractor, *, batch_size: int = 256, progress: bool = False,
+                     desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """Pool features (N, D) and logits (N, K), float64, of uint8 images (N, C, H, W), in batches."""
+    from tqdm.auto import tqdm
+    pools, logits = [], []
+    for start in tqdm(range(0, len(images), batch_size), desc=f"{desc} ({extractor.name})", disable=not progress,
+                      leave=False):
+        pool, logit = extractor(to_rgb(images[start:start + batch_size]).contiguous())
+        pools.append(torch.as_tensor(pool).detach().cpu().double().numpy())
+        logits.append(torch.as_tensor(logit).detach().cpu().double().numpy())
+    return np.concatenate(pools), np.concatenate(logits)
+
+
+def image_scores(images: Tensor, ref_stats: tuple[np.ndarray, np.ndarray], extractor: Extractor, *,
+                 batch_size: int = 256, progress: bool = False) -> dict:
+    """FID of uint8 images (N, C, H, W) against the reference (mu, sigma), and their Inception Score."""
+    pool, logits = extract_features(images, extractor, batch_size=batch_size, progress=progress,
+                                    desc="sample features")
+    is_mean, is_std = inception_score(logits)
+    return {"fid": frechet_distance(*feature_stats(pool), *ref_stats), "is_mean": is_mean, "is_std": is_std}
+
+
+class InceptionExtractor:
+    """torch-fidelity's FID Inception v3 (the TF graph of 2015-12-05, with TF's resize to 299x299): 2048 pool3
+    features for FID and the 1008 logits without bias for IS, as the original TF code computes them."""
+    name = INCEPTION
+
+    def __init__(self, net: torch.nn.Module, device: torch.device):
+        self.net, self.device = net.to(device), device
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.net(images.to(self.device))
+
+
+def inception_extractor(device: torch.device | str = "cpu") -> InceptionExtractor:
+    """Build the Inception extractor from the weight file in torch hub's cache, never downloading it: a missing
+    package or weight file is an EvalError naming what to install or where to put the file."""
+    try:
+        from torch_fidelity import feature_extractor_inceptionv3 as fe
+    except ImportError:
+        raise EvalError("torch-fidelity (the FID Inception network) is not installed: "
+                        "pip install -r requirements-eval.txt") from None
+    url = fe.URL_INCEPTION_V3
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]  # where torch.hub caches it
+    if not path.is_file():
+        raise EvalError(f"Inception weights missing: {path.name} must be at {path}; get it with "
+                        f"`curl -L --create-dirs -o {path} {url}` (evaluate.py never downloads)")
+    try:
+        net = fe.FeatureExtractorInceptionV3(INCEPTION, ["2048", "logits_unbiased"],
+                                             feature_extractor_weights_path=str(path))
+    except Exception as e:  # truncated download, wrong file: all mean "get the file again"
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise EvalError(f"{path}: cannot load the Inception weights ({reason}); download {url} again") from None
+    return InceptionExtractor(net, torch.device(device))
+
+
+# ---------------------------------------------------------------- reference statistics
+
+def _atomic_save(path: Path, save: Callable, *args, **kwargs) -> None:
+    """`np.save` or `np.savez` to `path`, atomically."""
+    buf = io.BytesIO()
+    save(buf, *args, **kwargs)
+    atomic_write(path, buf.getvalue())
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # missing, truncated, not a zip: one line
+        raise EvalError(f"{path}: cannot read ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def load_images(path: str | Path) -> Tensor:
+    """uint8 (N, C, H, W) from a .npy dataset file (data.py's train.npy, NCHW), an .npz of NHWC images
+    (key arr_0, as the openai/TTUR sample files) or a folder of PNG files."""
+    path = Path(path)
+    if path.is_dir():
+        from PIL import Image  # installed with torchvision
+        files = sorted(path.glob("*.png"))
+        if not files:
+            raise EvalError(f"{path}: no .png files in this folder")
+        images = [np.asarray(Image.open(f).convert("RGB")) for f in files]  # (H, W, 3) uint8 each
+        if len({x.shape for x in images}) > 1:
+            raise EvalError(f"{path}: the PNG files do not all have the same size")
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    if path.suffix == ".npy":
+        import data
+        try:
+            return data.load_dataset(path)
+        except data.DataError as e:
+            raise EvalError(str(e)) from None
+    if path.suffix == ".npz":
+        x = _read_npz(path).get("arr_0")
+        if x is None or x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3) or len(x) == 0:
+            raise EvalError(f"{path}: expected uint8 images (N, H, W, C) under key arr_0, or statistics mu and sigma")
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    raise EvalError(f"{path}: --ref must be a folder of PNGs, an .npz (images arr_0, or mu and sigma) or a .npy")
+
+
+def reference_stats(ref: str | Path, extractor: Extractor, *, cache_dir: str | Path, batch_size: int = 256,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the reference: read from an .npz of statistics, or computed from its images once and
+    cached in `cache_dir` under a name keyed by the images' content hash and the extractor's name."""
+    ref = Path(ref)
+    if not ref.exists():
+        raise EvalError(f"{ref}: reference not found")
+    if ref.suffix == ".npz":
+        z = _read_npz(ref)
+        if "mu" in z and "sigma" in z:
+            return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    images = load_images(ref)
+    digest = hashlib.sha256(repr(tuple(images.shape)).encode())
+    digest.update(images.contiguous().numpy())
+    label = "-".join(p for p in (ref.parent.name, ref.stem) if p)
+    safe = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "-", s)  # noqa: E731
+    cache = Path(cache_dir) / f"{safe(label)}_{safe(extractor.name)}_{digest.hexdigest()[:16]}.npz"
+    if cache.is_file():
+        try:
+            z = _read_npz(cache)
+            return z["mu"], z["sigma"]
+        except (EvalError, KeyError):
+            pass  # unreadable cache: compute it again
+    mu, sigma = feature_stats(extract_features(images, extractor, batch_size=batch_size, progress=progress,
+                                                 desc="reference features")[0])
+    _atomic_save(cache, np.savez, mu=mu, sigma=sigma, num_images=len(images), source=str(ref))
+    return mu, sigma
+
+
+# ---------------------------------------------------------------- samples in shards
+
+def weights_digest(state_dict: dict[str, Tensor]) -> str:
+    """sha256 of a state dict's names and bytes: which weights made a shard folder."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _claim(folder: Path, identity: dict) -> None:
+    """Make `folder`'s shards belong to `identity`: stale shards (other weights or settings) are deleted."""
+    meta = folder / "meta.json"
+    try:
+        old = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        old = None
+    if old == identity:
+        return
+    shards = sorted(folder.glob("shard_*.npy"))
+    if shards and isinstance(old, dict) and old.get("batch_size") != identity["batch_size"] \
+            and {**old, "batch_size": identity["batch_size"]} == identity:
+        raise EvalError(f"{folder}: its {len(shards)} shards were sampled with --batch-size {old['batch_size']}; "
+                        f"pass that to resume, or delete the folder to start over")
+    if shards:
+        print(f"note: {folder}: {len(shards)} shards of other weights or settings deleted", file=sys.stderr)
+    for p in shards:  # before the new meta.json, so a crash in between cannot pass old shards as new
+        p.unlink()
+    write_json(meta, identity)
+
+
+def _read_shard(path: Path, shape: tuple[int, ...]) -> Tensor | None:
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return torch.from_numpy(x) if x.dtype == np.uint8 and x.shape == shape else None
+
+
+def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict, *, num_samples: int,
+                  batch_size: int, steps: int, variance: str, seed: int, device: torch.device,
+                  progress: bool = False, generate: Callable[..., Tensor] = sample.generate) -> Tensor:
+    """The first `num_samples` images, uint8 (N, C, H, W), of shards of `batch_size` images in `folder`,
+    generating only the missing ones. Shard k is one batch with generator seed `seed * SEED_STRIDE + k`, so the
+    shards equal `generate(model, schedule, k * batch_size, batch_size=batch_size, seed=seed * SEED_STRIDE)`
+    however often the run stopped, and a smaller --num-samples evaluates a prefix of a larger one."""
+    from tqdm.auto import tqdm
+    _claim(folder, identity)
+    shape = (batch_size, model.in_channels, model.image_size, model.image_size)
+    out = []
+    with tqdm(total=num_samples, desc="samples", unit="img", disable=not progress) as bar:
+        for k in range(-(-num_samples // batch_size)):
+            path = folder / f"shard_{k:05d}.npy"
+            x = _read_shard(path, shape)
+            if x is None:
+                x = generate(model, schedule, batch_size, batch_size=batch_size, steps=steps, variance=variance,
+                             clip=True, seed=seed * SEED_STRIDE + k, device=device, progress=progress)
+                _atomic_save(path, np.save, x.numpy())
+            out.append(x)
+            bar.update(min(batch_size, num_samples - k * batch_size))
+    return torch.cat(out)[:num_samples]
+
+
+# ---------------------------------------------------------------- the evaluation
+
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """"auto" -> cuda when there is one, else cpu; a CUDA device that is not there is a ValueError."""
+    if str(spec) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise ValueError(f"--device {spec}: no such CUDA device")
+    return device
+
+
+def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: int | None = None,
+             batch_size: int = 256, seed: int = 0, variance: str = "beta", ref: str | Path | None = None,
+             device: str | torch.device = "auto", extractor: Extractor | None = None, progress: bool = True,
+             stats_cache: str | Path = "data/fid_stats",
+             generate: Callable[..., Tensor] = sample.generate) -> dict:
+    """FID and IS of `num_samples` EMA samples of the checkpoint; writes and returns eval.json's content.
+    `ref` defaults to the config's training set, data/<dataset>/train.npy; `extractor` to the FID Inception.
+    Everything that can fail on setup (checkpoint, extractor, reference) does so before any sampling."""
+    checkpoint_path = Path(checkpoint_path)
+    state = load_checkpoint(checkpoint_path)
+    schedule = sample.schedule_from_config(state["config"])
+    steps = schedule.num_timesteps if steps is None else steps
+    if not 1 <= steps <= schedule.num_timesteps:
+        raise ValueError(f"--steps must be in [1, {schedule.num_timesteps}], got {steps}")
+    if num_samples < IS_SPLITS or batch_size < 1:
+        raise ValueError(f"--num-samples must be >= {IS_SPLITS} (the IS splits) and --batch-size >= 1")
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"--seed must be in [0, 2**40), got {seed}")
+    if variance not in ("beta", "posterior"):
+        raise ValueError(f"--variance must be beta or posterior, got {variance!r}")
+    device = resolve_device(device)
+    dataset = state["config"]["data"]["dataset"]
+    ref = Path("data") / dataset / "train.npy" if ref is None else Path(ref)
+    if not ref.exists():
+        raise EvalError(f"{ref}: reference not found" + ("" if ref.suffix != ".npy" else
+                        "; run `python data.py --config config.yaml` first, or pass --ref"))
+    extractor = extractor if extractor is not None else inception_extractor(device)
+    ref_stats = reference_stats(ref, extractor, cache_dir=stats_cache, batch_size=batch_size, progress=progress)
+    model = model_from_checkpoint(state, ema=True, device=device)
+    identity = {"checkpoint_step": state["step"], "ema_sha256": weights_digest(state["ema"]), "steps": steps,
+                "variance": variance, "seed": seed, "seed_stride": SEED_STRIDE, "batch_size": batch_size,
+                "clip": True, "image_shape": [model.in_channels, model.image_size, model.image_size]}
+    folder = checkpoint_path.parent / "eval" / f"samples_{steps}_{variance}_{seed}"
+    images = sample_shards(model, schedule, folder, identity, num_samples=num_samples, batch_size=batch_size,
+                           steps=steps, variance=variance, seed=seed, device=device, progress=progress,
+                           generate=generate)
+    scores = image_scores(images, ref_stats, extractor, batch_size=batch_size, progress=progress)
+    reasons = [f"{num_samples} samples"] * (num_samples < PAPER["num_samples"]) \
+        + [f"{steps} steps"] * (steps < PAPER["steps"]) + [f"dataset {dataset}"] * (dataset != PAPER["dataset"]) \
+        + [f"variance {variance}"] * (variance != PAPER["variance"])
+    paper = (f"the paper (Ho et al. 2020, Table 1: FID {PAPER['fid']}, IS {PAPER['is_mean']} from "
+             f"{PAPER['num_samples']} samples of {PAPER['steps']} steps with variance beta on CIFAR-10, FID against the "
+             f"training set)")
+    result = {**scores, "num_samples": num_samples, "steps": steps, "variance": variance, "seed": seed,
+              "batch_size": batch_size, "checkpoint_step": state["step"], "weights": "ema", "dataset": dataset,
+              "ref": str(ref), "extractor": extractor.name, "comparable_with_paper": not reasons,
+              "note": f"comparable with {paper}" if not reasons
+              else f"NOT comparable with {paper}: {', '.join(reasons)}"}
+    write_json(checkpoint_path.parent / "eval.json", result)
+    return result
+
+
+def summary(result: dict, path: str | Path) -> str:
+    """The one line main() prints."""
+    return (f"FID {result['fid']:.2f}  IS {result['is_mean']:.2f} ± {result['is_std']:.2f}  "
+            f"({result['num_samples']} samples, {result['steps']} steps, variance {result['variance']}, seed "
+            f"{result['seed']}, checkpoint step {result['checkpoint_step']}) {result['note']} -> {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from config import fail
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train.py")
+    p.add_argument("--num-samples", type=int, default=PAPER["num_samples"], help="50000 for the paper's numbers")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all; fewer = respaced)")
+    p.add_argument("--variance", choices=["beta", "posterior"], default="beta")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256, help="sampling and Inception batch (also the shard size)")
+    p.add_argument("--ref", default=None, help="reference: PNG folder, .npz of images (arr_0, NHWC) or of mu and "
+                   "sigma, or a .npy (default: the checkpoint's training set, data/<dataset>/train.npy)")
+    p.add_argument("--stats-cache", default="data/fid_stats", help="folder for cached reference statistics")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    args = p.parse_args(argv)
+    try:
+        result = evaluate(args.checkpoint, num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size,
+                          seed=args.seed, variance=args.variance, ref=args.ref, device=args.device,
+                          stats_cache=args.stats_cache)
+    except (EvalError, CheckpointError, ValueError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; the shards written so far are kept: run the same command again to resume", 130)
+    print(summary(result, Path(args.checkpoint).parent / "eval.json"))
+
+
+if __name__ == "__main__":
+    main()
