@@ -43,6 +43,9 @@ def check_unet_args(channels: int, channel_mult: Sequence[int], attn_resolutions
 class ConfigError(ValueError):
     """A bad setting. The message is one line and names the key or the file."""
 
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line, even when a key or a YAML error has newlines
+
 
 def _check(fn: Callable[[Any], bool], what: str) -> dict:
     return {"check": fn, "what": what}
@@ -226,11 +229,11 @@ def _cross_checks(cfg: Config) -> None:
 
 def _set(raw: dict, override: str) -> None:
     key, sep, text = override.partition("=")
-    if not sep or not re.fullmatch(r"[A-Za-z_]+(\.[A-Za-z_]+)*", key):
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
         raise ConfigError(f"override {override!r}: expected key.sub=value")
     try:
         value = yaml.safe_load(text) if text.strip() else None
-    except (yaml.YAMLError, RecursionError) as e:
+    except Exception as e:  # YAMLError, RecursionError, and PyYAML's plain ValueError/KeyError for bad tags or dates
         raise ConfigError(f"{key}: cannot parse {text!r} as YAML ({type(e).__name__})") from None
     *parents, leaf = key.split(".")
     node, cls = raw, Config
@@ -267,6 +270,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
     except (RecursionError, OSError) as e:
         raise ConfigError(f"{path}: cannot read config ({type(e).__name__})") from None
+    except Exception as e:  # PyYAML's constructors raise plain ValueError, KeyError, ... for `!!int x` or `2020-13-45`
+        raise ConfigError(f"{path}: malformed YAML ({type(e).__name__}: {e})"[:300]) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
