@@ -227,12 +227,27 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"model: {e}") from None
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors/aliases: a config needs none, and a few hundred bytes of nested aliases
+    ("billion laughs") expand to more values than memory holds as soon as anything walks them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader: no Python objects
+
+
 def _set(raw: dict, override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
         raise ConfigError(f"override {override!r}: expected key.sub=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _yaml_load(text) if text.strip() else None
     except Exception as e:  # YAMLError, RecursionError, and PyYAML's plain ValueError/KeyError for bad tags or dates
         raise ConfigError(f"{key}: cannot parse {text!r} as YAML ({type(e).__name__})") from None
     *parents, leaf = key.split(".")
@@ -255,7 +270,7 @@ def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     try:
         text = p.read_bytes().decode("utf-8")
-        raw = yaml.safe_load(text)
+        raw = _yaml_load(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
