@@ -8,7 +8,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +68,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     how = f"(delete it or pass --fresh to start over)"
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise next to the one-line error
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path}: is a folder, not a checkpoint") from None
     except Exception as e:  # truncated zip, bad pickle, disallowed global: all mean "not a usable checkpoint"
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({reason}) {how}") from None
+        raise CheckpointError(f"{path}: {_unusable(e)} {how}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project (format "
                               f"{state.get('format') if isinstance(state, dict) else '?'}, expected {FORMAT}) {how}")
@@ -81,6 +84,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {sorted(missing)} {how}")
     return state
+
+
+def _unusable(e: Exception) -> str:
+    """torch.load's error in a few words. Its own text runs to many lines (with terminal colour codes) and, for
+    a weights_only refusal, suggests weights_only=False: exactly what must not be done with a file from elsewhere."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return f"refused: loading it would call {refused.group(1)}, and a checkpoint holds only tensors and plain data"
+    text = text.split("WeightsUnpickler error:", 1)[-1].strip()
+    detail = text.splitlines()[0].split(". ")[0][:160] if text else ""
+    return f"corrupt or unreadable checkpoint ({type(e).__name__}{': ' + detail if detail else ''})"
 
 
 def model_from_checkpoint(state: dict, *, ema: bool = True, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -57,9 +57,9 @@ def _choices(*options: Any) -> dict:
 
 
 def _safe_relative(value: str) -> bool:
-    """Outputs stay under the working folder: no absolute paths, no `..`."""
+    """Outputs stay in a folder of their own under the working folder: not `.`, not absolute, no `..`."""
     p = Path(value)
-    return bool(value) and not p.is_absolute() and ".." not in p.parts and "\x00" not in value
+    return bool(p.parts) and not p.is_absolute() and ".." not in p.parts and "\x00" not in value
 
 
 _POS = _check(lambda v: v > 0, "> 0")
@@ -136,7 +136,7 @@ class Wandb:
 class Config:
     seed: int = field(default=0, metadata=_check(lambda v: 0 <= v < 2**63, "in [0, 2**63)"))
     device: str = field(default="auto", metadata=_check(
-        lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"))
+        lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,3})?", v) is not None, "auto, cpu, cuda or cuda:N"))
     out_dir: str = field(default="runs/default", metadata=_check(_safe_relative, "a relative path without '..'"))
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
@@ -181,7 +181,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # PyYAML reads 1e-4 as a string
             value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
+            if abs(value) > sys.float_info.max or not math.isfinite(value):  # an int too large for a float too
                 raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
     elif typ is str:

@@ -165,7 +165,8 @@ def init_wandb(cfg: Config, out: Path, config_path: str | None, run_id: str | No
     import wandb
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
-    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, config=to_dict(cfg), dir=str(out),
+    # An absolute dir: wandb's service process keeps the cwd of the first run, and resolves relative paths there.
+    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, config=to_dict(cfg), dir=str(out.resolve()),
                      mode=mode, id=run_id, resume="allow" if run_id else None,
                      settings=wandb.Settings(save_code=False, disable_git=True, silent=True))
     if run_id is None:  # log the config once per run: the file given and the resolved one
@@ -220,6 +221,16 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
             raise ConfigError(f"device: {ckpt_path} was written on {state['device_type']}, this run is on "
                               f"{device.type}; random streams differ, so resume on {state['device_type']} or --fresh")
 
+    torch.manual_seed(derive_seed(cfg.seed, 0))
+    model_args = dict(in_channels=images.shape[1], channels=cfg.model.channels,
+                      channel_mult=list(cfg.model.channel_mult), num_res_blocks=cfg.model.num_res_blocks,
+                      attn_resolutions=list(cfg.model.attn_resolutions), dropout=cfg.model.dropout,
+                      image_size=images.shape[-1])
+    try:
+        model = UNet(**model_args).to(device)
+    except (RuntimeError, MemoryError) as e:  # e.g. model.channels=2**40: more weights than memory (or int64) holds
+        raise ConfigError(f"model: cannot build this UNet on {device} ({' '.join(str(e).split())[:160]})") from None
+
     # Everything is checked: from here on the run creates things.
     if dist.main:
         if fresh:
@@ -231,12 +242,6 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
         for folder in (out, out / "samples"):
             remove_stale_temps(folder)  # left by a run killed mid-write
 
-    torch.manual_seed(derive_seed(cfg.seed, 0))
-    model_args = dict(in_channels=images.shape[1], channels=cfg.model.channels,
-                      channel_mult=list(cfg.model.channel_mult), num_res_blocks=cfg.model.num_res_blocks,
-                      attn_resolutions=list(cfg.model.attn_resolutions), dropout=cfg.model.dropout,
-                      image_size=images.shape[-1])
-    model = UNet(**model_args).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if tc.optimizer == "adam":
@@ -256,7 +261,9 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
             ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{ckpt_path}: does not fit this model ({str(e).splitlines()[0][:200]})") from None
+            reason = " ".join(str(e).split())[:200]  # the first line alone is just "Error(s) in loading state_dict"
+            raise CheckpointError(f"{ckpt_path}: does not fit this model ({reason}); pass --fresh to start over") \
+                from None
         scaler.load_state_dict(state["scaler"])
         it.load_state_dict(state["data"])
         gen.set_state(state["rng"]["noise"])
@@ -289,10 +296,12 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
     bad_step = torch.full((), -1, device=device, dtype=torch.long)  # first non-finite step, checked at syncs
     last_ckpt = (ckpt_path, state["step"] if state else None)
 
+    def kept() -> str:
+        return f"; {ckpt_path} (step {last_ckpt[1]}) is kept" if last_ckpt[1] is not None else ""
+
     def check_finite() -> None:
         if int(bad_step) >= 0:
-            kept = f"; {ckpt_path} (step {last_ckpt[1]}) is kept" if last_ckpt[1] is not None else ""
-            raise TrainError(f"non-finite loss or gradient at step {int(bad_step) + 1}{kept}; "
+            raise TrainError(f"non-finite loss or gradient at step {int(bad_step) + 1}{kept()}; "
                              f"lower train.lr, enable train.grad_clip, or use precision fp32")
 
     def save() -> None:
@@ -310,8 +319,7 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
                 "config": to_dict(cfg), "model_args": model_args, "device_type": device.type, "history": history,
                 "wall_time_s": wall + time.perf_counter() - t_start, "wandb_id": run.id if run else None})
         except OSError as e:
-            raise TrainError(f"could not write {ckpt_path} ({e.strerror or e}); the previous checkpoint is kept") \
-                from None
+            raise TrainError(f"could not write {ckpt_path} ({e.strerror or e}){kept()}") from None
         last_ckpt = (ckpt_path, step)
 
     def reduce(x: Tensor) -> Tensor:
@@ -321,7 +329,7 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
         return x
 
     t_start = t_log = time.perf_counter()
-    img_log = 0
+    img_log, bar = 0, None
     try:
         for epoch in range(it.epoch, tc.epochs):
             model.train()
@@ -364,6 +372,7 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
                     save()
                     raise SystemExit(128 + stop.signum)
             bar.close()
+            check_finite()  # before a NaN reaches history.csv, metrics.json or a sample grid
             end_epoch(cfg, epoch, step, sums, history, ema, schedule, held, held_t, held_noise, device, run, out,
                       wall + time.perf_counter() - t_start, reduce, dist, lr_at(step - 1, tc.lr, tc.warmup_steps))
             sums["epoch"].zero_()
@@ -371,11 +380,16 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
     except SystemExit as e:
         _finish(run, int(e.code or 0))
         raise
+    except OSError as e:  # history.csv, metrics.json or a grid could not be written (disk full, ...)
+        _finish(run, 1)
+        raise TrainError(f"could not write to {out} ({e.strerror or e}){kept()}") from None
     except BaseException:
         _finish(run, 1)
         raise
     finally:
         stop.restore()
+        if bar is not None:
+            bar.close()  # clear a half-drawn progress bar before the error line or the exit
     metrics = history[-1] if history else {}
     _finish(run, 0)
     if dist.world > 1:
