@@ -44,7 +44,8 @@ class ConfigError(ValueError):
     """A bad setting. The message is one line and names the key or the file."""
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # one line, even when a key or a YAML error has newlines
+        text = " ".join(str(message).split())  # one line, even when a key or a YAML error has newlines
+        super().__init__(text if len(text) <= 300 else text[:297] + "...")  # and short, whatever the value was
 
 
 def _check(fn: Callable[[Any], bool], what: str) -> dict:
@@ -340,7 +341,7 @@ def cli(description: str, argv: Sequence[str] | None = None,
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a config key (YAML value)")
     if extra:
         extra(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come before or after the overrides
     try:
         return load_config(args.config, args.overrides), args
     except ConfigError as e:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
+import yaml
 from torch import Tensor
 
 import data
@@ -233,14 +234,16 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
 
     # Everything is checked: from here on the run creates things.
     if dist.main:
-        if fresh:
-            for name in ("checkpoint.pt", "metrics.json", "history.csv", "samples"):
-                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
-        import yaml
-        atomic_write(out / "config.resolved.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
-        (out / "samples").mkdir(exist_ok=True)  # a DVC out, even when no grid is due
-        for folder in (out, out / "samples"):
-            remove_stale_temps(folder)  # left by a run killed mid-write
+        try:
+            if fresh:
+                for name in ("checkpoint.pt", "metrics.json", "history.csv", "samples"):
+                    shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+            atomic_write(out / "config.resolved.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+            (out / "samples").mkdir(exist_ok=True)  # a DVC out, even when no grid is due
+            for folder in (out, out / "samples"):
+                remove_stale_temps(folder)  # left by a run killed mid-write
+        except OSError as e:  # e.g. the disk is already full
+            raise TrainError(f"cannot write to {out} ({e.strerror or e})") from None
 
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
