@@ -120,5 +120,7 @@ def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> None:
     """Write uint8 images (N, C, H, W) as a PNG grid, atomically."""
-    from torchvision.io import encode_png
-    atomic_write(path, encode_png(image_grid(images, nrow).permute(2, 0, 1)).numpy().tobytes())
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image_grid(images, nrow).numpy()).save(buf, format="PNG")
+    atomic_write(path, buf.getvalue())
