@@ -110,7 +110,7 @@ class Train:
     warmup_steps: int = field(default=5000, metadata=_NONNEG)
     grad_clip: float | None = field(default=1.0, metadata=_check(lambda v: v is None or v > 0, "> 0 or null"))
     ema_decay: float = field(default=0.9999, metadata=_PROB)
-    precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
+    precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16", "fp16"))
     compile: bool | str = field(default="auto", metadata=_choices("auto", True, False))
     channels_last: bool | str = field(default="auto", metadata=_choices("auto", True, False))
     checkpoint_every: int = field(default=5000, metadata=_check(lambda v: v >= 1, ">= 1"))

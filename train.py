@@ -110,6 +110,13 @@ def resolve_device(cfg: Config, dist: Dist) -> torch.device:
     return device
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast on GPUs that have it (the fast path), fp32 elsewhere (exact, bitwise reproducible)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def setup_dist(cfg: Config) -> Dist:
     """A process group when launched by torchrun (its WORLD_SIZE > 1), else none."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -252,7 +259,9 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
     else:
         opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
                               foreach=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    precision = resolve_precision(tc.precision, device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     it = data.BatchIterator(images, tc.batch_size, seed=derive_seed(cfg.seed, 1), device=device,
                             random_flip=cfg.data.random_flip)
     gen = torch.Generator(device).manual_seed(derive_seed(cfg.seed, 2))
@@ -277,9 +286,12 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
         sums = {"epoch": state["sums"]["epoch"].to(device), "log": state["sums"]["log"].to(device),
                 "log_n": state["sums"]["log_n"]}
 
-    channels_last = tc.channels_last is True or (tc.channels_last == "auto" and device.type == "cuda")
+    # channels_last pays on CUDA and with bf16 on the CPU (oneDNN); the EMA copy follows, so its lerp is layout-aligned.
+    channels_last = tc.channels_last is True or (tc.channels_last == "auto" and
+                                                 (device.type == "cuda" or amp_dtype == torch.bfloat16))
     if channels_last:
         model.to(memory_format=torch.channels_last)
+        ema.to(memory_format=torch.channels_last)
     net: torch.nn.Module = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -287,7 +299,6 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
         net = torch.compile(net)
     schedule = ddpm.make_schedule(cfg.diffusion.num_timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end,
                                   cfg.diffusion.schedule).to(device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
 
     # A fixed held-out batch, timesteps and noise for the EMA loss (comparable across epochs and runs).
     held = ddpm.from_uint8(data.load_dataset(data_dir / "test.npy")[:256]).to(device)
@@ -349,7 +360,7 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
                 loss, grad_norm = train_step(net, model, ema, opt, scaler, schedule, x, t, noise, lr=lr,
                                              grad_clip=tc.grad_clip, ema_decay=tc.ema_decay, amp_dtype=amp_dtype,
                                              weight=x.shape[0] * dist.world / B)
-                finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (tc.precision == "fp16"))
+                finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (precision == "fp16"))
                 bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
                 contrib = loss.detach() * x.shape[0] / B
                 sums["epoch"] += contrib

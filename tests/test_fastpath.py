@@ -1,0 +1,115 @@
+"""The fast training settings change speed, not results: bf16 autocast, torch.compile and channels_last
+give the fp32 eager loss within stated tolerances, and the CPU fp32 step is bitwise reproducible."""
+import copy
+
+import pytest
+import torch
+
+import bench
+import ddpm
+import train
+from unet import UNet
+
+BF16_REL = 1e-2  # bf16 keeps 8 mantissa bits; measured ~2e-4 on this tiny model, where errors average out
+COMPILE_REL = 1e-4  # fp32 either way; inductor may reorder reductions and fuse ops
+
+
+def run_steps(device, *, steps=2, amp_dtype=None, channels_last=False, compile=False, dropout=0.0, seed=0):
+    """`steps` train.train_step calls set up as train.train() does; returns (losses, model, ema)."""
+    torch.manual_seed(seed)
+    model = UNet(**dict(bench.TINY, dropout=dropout)).to(device)
+    with torch.no_grad():  # the zero-initialised output layers would make every loss exactly mean(noise²)
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3,
+                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compile else model
+    schedule = ddpm.make_schedule().to(device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    for _ in range(steps):
+        x = (torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1).to(device)
+        t, noise = ddpm.draw_t_noise(schedule, x.shape, generator=gen)
+        t, noise = t.to(device), noise.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, _ = train.train_step(net, model, ema, opt, scaler, schedule, x, t, noise, lr=1e-3, grad_clip=1.0,
+                                   ema_decay=0.9, amp_dtype=amp_dtype)
+        losses.append(float(loss))
+    return losses, model, ema
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_bf16_autocast_loss_matches_fp32(channels_last):
+    """bf16 autocast, and with channels_last the fast CPU step bench.py picks, against fp32 eager."""
+    cpu = torch.device("cpu")
+    ref, _, _ = run_steps(cpu)
+    fast, _, _ = run_steps(cpu, amp_dtype=torch.bfloat16, channels_last=channels_last)
+    assert ref[0] != pytest.approx(ref[1], rel=1e-3)  # the steps see different data: a real comparison
+    assert fast != ref  # bf16 did run
+    for a, b in zip(fast, ref):
+        assert a == pytest.approx(b, rel=BF16_REL)
+
+
+def test_channels_last_loss_matches_contiguous():
+    cpu = torch.device("cpu")
+    ref, _, _ = run_steps(cpu)
+    cl, _, _ = run_steps(cpu, channels_last=True)
+    for a, b in zip(cl, ref):  # the second loss follows an update: it checks the gradients too
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+
+
+def test_cpu_fp32_step_is_bitwise_reproducible():
+    cpu = torch.device("cpu")
+    a_loss, a_model, a_ema = run_steps(cpu, steps=3, dropout=0.1)
+    b_loss, b_model, b_ema = run_steps(cpu, steps=3, dropout=0.1)
+    assert a_loss == b_loss
+    for a, b in ((a_model, b_model), (a_ema, b_ema)):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), name
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    cpu = torch.device("cpu")
+    ref, _, _ = run_steps(cpu)
+    compiled, _, _ = run_steps(cpu, compile=True)
+    for a, b in zip(compiled, ref):  # the second loss follows an update from the compiled gradients
+        assert a == pytest.approx(b, rel=COMPILE_REL)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_cuda_step_matches_fp32():
+    cuda = torch.device("cuda")
+    ref, _, _ = run_steps(cuda)
+    fast, _, _ = run_steps(cuda, amp_dtype=torch.bfloat16, channels_last=True, compile=True)
+    for a, b in zip(fast, ref):
+        assert a == pytest.approx(b, rel=BF16_REL)
+
+
+@pytest.mark.slow
+def test_fast_sampler_eps_matches_fp32():
+    """bench.py's CPU sampler network (channels_last, torch.compile with frozen weights, bf16 autocast) predicts
+    the eager fp32 ε: compiled fp32 to float rounding, bf16 within bf16 rounding (relative RMS error)."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = UNet(**dict(bench.TINY, dropout=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+        x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
+        ref = model.eval()(x, t)
+
+        def rel_err(amp_dtype, compile):
+            fn = bench.fast_eps(copy.deepcopy(model), cpu, amp_dtype=amp_dtype, channels_last=True, compile=compile)
+            return float((fn(x, t).float() - ref).norm() / ref.norm())
+        assert rel_err(None, True) < 1e-4  # measured ~2e-6
+        for compile in (False, True):
+            assert 0 < rel_err(torch.bfloat16, compile) < 3e-2  # measured ~1.5e-2 with these random weights
