@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import data
 import ddpm
 import train
+from sample import fast_eps
 from unet import UNet
 
 LR, GRAD_CLIP, EMA_DECAY = 2e-4, 1.0, 0.9999
@@ -119,24 +120,6 @@ def diffusers_train_step(model_args: dict, device: torch.device, batch: int) -> 
         opt.zero_grad()
         return loss.detach()
     return step
-
-
-def fast_eps(model: UNet, device: torch.device, *, amp_dtype: torch.dtype | None, channels_last: bool,
-             compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """`model` (moved to `device`, eval mode) as the sampler's ε(x_t, t), with the fast inference settings."""
-    model = model.to(device).eval()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return model(x.contiguous(memory_format=torch.channels_last) if channels_last else x, t)
-    if not compile:
-        return eps
-    # The batch size is fixed, so on CUDA "reduce-overhead" replays each step as one CUDA graph; on CPU,
-    # freezing folds the (fixed) weights into the graph as constants, prepacked for oneDNN once.
-    return torch.compile(eps, mode="reduce-overhead") if device.type == "cuda" else \
-        torch.compile(eps, options={"freezing": True})
 
 
 def our_sampler(model: UNet, device: torch.device, batch: int, steps: int, **settings) -> Callable[[], object]:

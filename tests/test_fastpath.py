@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import sample
 import ddpm
 import train
 from unet import UNet
@@ -108,7 +109,7 @@ def test_fast_sampler_eps_matches_fp32():
         ref = model.eval()(x, t)
 
         def rel_err(amp_dtype, compile):
-            fn = bench.fast_eps(copy.deepcopy(model), cpu, amp_dtype=amp_dtype, channels_last=True, compile=compile)
+            fn = sample.fast_eps(copy.deepcopy(model), cpu, amp_dtype=amp_dtype, channels_last=True, compile=compile)
             return float((fn(x, t).float() - ref).norm() / ref.norm())
         assert rel_err(None, True) < 1e-4  # measured ~2e-6
         for compile in (False, True):
