@@ -63,10 +63,11 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    advice: str = "(restore it, or pass --fresh to start over)") -> dict:
     """Load with `weights_only=True` (no arbitrary code); every failure is a CheckpointError."""
     path = Path(path)
-    how = f"(delete it or pass --fresh to start over)"
+    how = advice
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise next to the one-line error
             warnings.simplefilter("ignore")

@@ -326,7 +326,7 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
     `ref` defaults to the config's training set, data/<dataset>/train.npy; `extractor` to the FID Inception.
     Everything that can fail on setup (checkpoint, extractor, reference) does so before any sampling."""
     checkpoint_path = Path(checkpoint_path)
-    state = load_checkpoint(checkpoint_path)
+    state = load_checkpoint(checkpoint_path, advice="(is it a checkpoint.pt written by train.py?)")
     schedule = sample.schedule_from_config(state["config"])
     steps = schedule.num_timesteps if steps is None else steps
     if not 1 <= steps <= schedule.num_timesteps:

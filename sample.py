@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                               else "cpu" if args.device == "auto" else args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device is available")
-        state = load_checkpoint(args.checkpoint)
+        state = load_checkpoint(args.checkpoint, advice="(is it a checkpoint.pt written by train.py?)")
         schedule = schedule_from_config(state["config"])
         if args.steps is not None and not 1 <= args.steps <= schedule.num_timesteps:
             raise ValueError(f"--steps must be in [1, {schedule.num_timesteps}], got {args.steps}")

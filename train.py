@@ -465,6 +465,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e), 2)
     except TrainError as e:
         fail(str(e), 1)
+    except KeyboardInterrupt:  # Ctrl-C before the loop's own handler is installed: nothing was trained yet
+        fail("interrupted before training started; run the same command again", 130)
     if metrics:
         print(f"done: epoch {metrics['epoch']}, step {metrics['step']}, loss {metrics['loss']:.4f}, "
               f"EMA loss {metrics['ema_loss']:.4f}, {metrics['images_per_sec']:.1f} images/s -> {cfg.out_dir}")
