@@ -256,7 +256,7 @@ def test_any_file_and_overrides_give_a_config_or_a_one_line_error(text, override
                                                                   tmp_path_factory) -> None:
     path = tmp_path_factory.getbasetemp() / "hypothesis-config.yaml"
     write(path, text)
-    load_or_refuse(path, overrides)
+    assert isinstance(load_or_refuse(path, overrides), (config.Config, str))  # it asserts the one-line form too
 
 
 @settings(max_examples=4, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],  # no shrinking:

@@ -348,7 +348,9 @@ def check_epochs(a: Run, b: Run) -> None:
     ("train.epochs", 1, 3, check_epochs),
 ], ids=["optimizer", "lr", "random_flip", "epochs"])
 def test_hyperparameter_changes_the_outcome(tiny_run, key: str, a, b, check) -> None:
-    check(tiny_run(**{key: a}), tiny_run(**{key: b}))
+    run_a, run_b = tiny_run(**{key: a}), tiny_run(**{key: b})
+    assert config.flatten(config.to_dict(run_a.cfg))[key] == a and config.flatten(config.to_dict(run_b.cfg))[key] == b
+    check(run_a, run_b)  # the expected difference in outcome, asserted per hyperparameter
 
 
 # ---------------------------------------------------------------- determinism and resuming
