@@ -304,19 +304,6 @@ def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict
 
 # ---------------------------------------------------------------- the evaluation
 
-def resolve_device(spec: str | torch.device) -> torch.device:
-    """"auto" -> cuda when there is one, else cpu; a CUDA device that is not there is a ValueError."""
-    if str(spec) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (device.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
-        raise ValueError(f"--device {spec}: no such CUDA device")
-    return device
-
-
 def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: int | None = None,
              batch_size: int = 256, seed: int = 0, variance: str = "beta", ref: str | Path | None = None,
              device: str | torch.device = "auto", extractor: Extractor | None = None, progress: bool = True,
@@ -337,7 +324,10 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
         raise ValueError(f"--seed must be in [0, 2**40), got {seed}")
     if variance not in ("beta", "posterior"):
         raise ValueError(f"--variance must be beta or posterior, got {variance!r}")
-    device = resolve_device(device)
+    try:
+        device = sample.resolve_device(device)
+    except ValueError as e:
+        raise ValueError(f"--device {e}") from None
     dataset = state["config"]["data"]["dataset"]
     ref = Path("data") / dataset / "train.npy" if ref is None else Path(ref)
     if not ref.exists():

@@ -23,6 +23,29 @@ def schedule_from_config(cfg: dict) -> ddpm.Schedule:
     return ddpm.make_schedule(d["num_timesteps"], d["beta_start"], d["beta_end"], d["schedule"])
 
 
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """"auto" -> cuda when there is one, else cpu; a CUDA device that is not there is a ValueError."""
+    if str(spec) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"{spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and not count:
+        raise ValueError(f"{spec!r} but no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ValueError(f"{spec}: no such CUDA device ({count} available)")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast on GPUs that have it (the fast path), fp32 elsewhere (exact, bitwise reproducible)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def fast_eps(model: torch.nn.Module, device: torch.device, *, amp_dtype: torch.dtype | None, channels_last: bool,
              compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """`model` (moved to `device`, eval mode) as the sampler's ε(x_t, t), with the fast inference settings."""
@@ -84,10 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.num_images < 1 or args.batch_size < 1:
             raise ValueError("--num-images and --batch-size must be >= 1")
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                              else "cpu" if args.device == "auto" else args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA device is available")
+        try:
+            device = resolve_device(args.device)
+        except ValueError as e:
+            raise ValueError(f"--device {e}") from None
         state = load_checkpoint(args.checkpoint, advice="(is it a checkpoint.pt written by train.py?)")
         schedule = schedule_from_config(state["config"])
         if args.steps is not None and not 1 <= args.steps <= schedule.num_timesteps:
@@ -96,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    precision = args.precision if args.precision != "auto" else \
-        "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = resolve_precision(args.precision, device)
     images = generate(model, schedule, args.num_images, batch_size=args.batch_size, steps=args.steps,
                       variance=args.variance, clip=not args.no_clip, seed=args.seed, device=device, progress=True,
                       precision=precision, compile=args.compile)

@@ -30,7 +30,8 @@ import ddpm
 from checkpoint import (CheckpointError, atomic_write, image_grid, load_checkpoint, remove_stale_temps,
                         save_checkpoint, save_grid, write_json)
 from config import RESUMABLE_KEYS, Config, ConfigError, cli, fail, flatten, to_dict
-from sample import generate
+from sample import generate, resolve_precision
+from sample import resolve_device as resolve_device_spec
 from unet import UNet
 
 HISTORY_FIELDS = ["epoch", "step", "loss", "ema_loss", "lr", "images_per_sec", "wall_time_s"]
@@ -89,32 +90,20 @@ class Dist:
 
 
 def resolve_device(cfg: Config, dist: Dist) -> torch.device:
-    """The training device, checked before anything is created."""
+    """The training device (one per local rank under torchrun), checked before anything is created."""
     spec = cfg.device
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device: {cfg.device!r} but no CUDA device is available (use device=cpu)")
-        index = dist.local_rank if dist.world > 1 else torch.device(spec).index or 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device: cuda:{index} does not exist ({torch.cuda.device_count()} CUDA devices)")
-        device = torch.device("cuda", index)
-    else:
-        device = torch.device("cpu")
+    if dist.world > 1 and spec != "cpu" and (spec != "auto" or torch.cuda.is_available()):
+        spec = f"cuda:{dist.local_rank}"
+    try:
+        device = resolve_device_spec(spec)
+    except ValueError as e:
+        raise ConfigError(f"device: {e} (use device=cpu)") from None
     p = cfg.train.precision
     if p == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision: fp16 needs a CUDA device (use fp32 or bf16)")
     if p == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"train.precision: bf16 is not supported on {torch.cuda.get_device_name(device)}")
     return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 autocast on GPUs that have it (the fast path), fp32 elsewhere (exact, bitwise reproducible)."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def setup_dist(cfg: Config) -> Dist:
