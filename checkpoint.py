@@ -12,7 +12,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -43,6 +43,13 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def atomic_save(path: str | Path, save: Callable, *args: Any, **kwargs: Any) -> None:
+    """`save(file, *args, **kwargs)` (np.save, np.savez) into `path`, atomically."""
+    buf = io.BytesIO()
+    save(buf, *args, **kwargs)
+    atomic_write(path, buf.getvalue())
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:

@@ -216,12 +216,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _cross_checks(cfg: Config) -> None:
     d, s = cfg.diffusion, cfg.sample
-    if d.schedule == "linear" and d.beta_start > d.beta_end:
+    if d.beta_start > d.beta_end:  # make_schedule checks this for every kind
         raise ConfigError(f"diffusion.beta_start: {d.beta_start} is larger than diffusion.beta_end {d.beta_end}")
     if s.steps is not None and s.steps > d.num_timesteps:
         raise ConfigError(f"sample.steps: {s.steps} is more than diffusion.num_timesteps {d.num_timesteps}")
-    if cfg.train.precision == "fp16" and cfg.device == "cpu":
-        raise ConfigError("train.precision: fp16 needs a CUDA device (device is cpu)")
     try:
         check_unet_args(cfg.model.channels, cfg.model.channel_mult, cfg.model.attn_resolutions, image_size=32)
     except ValueError as e:

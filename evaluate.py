@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import re
 import sys
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 import sample
-from checkpoint import CheckpointError, atomic_write, load_checkpoint, model_from_checkpoint, write_json
+from checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint, write_json
 
 PAPER = {"fid": 3.17, "is_mean": 9.46, "num_samples": 50_000, "steps": 1000, "dataset": "cifar10", "variance": "beta"}
 IS_SPLITS = 10           # Salimans et al.'s code: the score's mean and std over 10 parts
@@ -167,13 +166,6 @@ def inception_extractor(device: torch.device | str = "cpu") -> InceptionExtracto
 
 # ---------------------------------------------------------------- reference statistics
 
-def _atomic_save(path: Path, save: Callable, *args, **kwargs) -> None:
-    """`np.save` or `np.savez` to `path`, atomically."""
-    buf = io.BytesIO()
-    save(buf, *args, **kwargs)
-    atomic_write(path, buf.getvalue())
-
-
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -234,7 +226,7 @@ def reference_stats(ref: str | Path, extractor: Extractor, *, cache_dir: str | P
             pass  # unreadable cache: compute it again
     mu, sigma = feature_stats(extract_features(images, extractor, batch_size=batch_size, progress=progress,
                                                  desc="reference features")[0])
-    _atomic_save(cache, np.savez, mu=mu, sigma=sigma, num_images=len(images), source=str(ref))
+    atomic_save(cache, np.savez, mu=mu, sigma=sigma, num_images=len(images), source=str(ref))
     return mu, sigma
 
 
@@ -296,7 +288,7 @@ def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict
             if x is None:
                 x = generate(model, schedule, batch_size, batch_size=batch_size, steps=steps, variance=variance,
                              clip=True, seed=seed * SEED_STRIDE + k, device=device, progress=progress)
-                _atomic_save(path, np.save, x.numpy())
+                atomic_save(path, np.save, x.numpy())
             out.append(x)
             bar.update(min(batch_size, num_samples - k * batch_size))
     return torch.cat(out)[:num_samples]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from typing import Callable
 
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor
 
 import ddpm
-from checkpoint import CheckpointError, atomic_write, load_checkpoint, model_from_checkpoint, save_grid
+from checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint, save_grid
 
 
 def schedule_from_config(cfg: dict) -> ddpm.Schedule:
@@ -125,10 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                       precision=precision, compile=args.compile)
     save_grid(images, args.out)
     if args.npz:
-        import io
-        buf = io.BytesIO()
-        np.savez(buf, images.permute(0, 2, 3, 1).numpy())
-        atomic_write(args.npz, buf.getvalue())
+        atomic_save(args.npz, np.savez, images.permute(0, 2, 3, 1).numpy())
     print(f"wrote {len(images)} images (step {state['step']}, {'raw' if args.raw else 'EMA'} weights) to {args.out}"
           + (f" and {args.npz}" if args.npz else ""))
 

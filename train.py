@@ -30,7 +30,7 @@ import ddpm
 from checkpoint import (CheckpointError, atomic_write, image_grid, load_checkpoint, remove_stale_temps,
                         save_checkpoint, save_grid, write_json)
 from config import RESUMABLE_KEYS, Config, ConfigError, cli, fail, flatten, to_dict
-from sample import generate, resolve_precision
+from sample import generate, resolve_precision, schedule_from_config
 from sample import resolve_device as resolve_device_spec
 from unet import UNet
 
@@ -286,8 +286,7 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if tc.compile is True or (tc.compile == "auto" and device.type == "cuda"):
         net = torch.compile(net)
-    schedule = ddpm.make_schedule(cfg.diffusion.num_timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end,
-                                  cfg.diffusion.schedule).to(device)
+    schedule = schedule_from_config(to_dict(cfg)).to(device)
 
     # A fixed held-out batch, timesteps and noise for the EMA loss (comparable across epochs and runs).
     held = ddpm.from_uint8(data.load_dataset(data_dir / "test.npy")[:256]).to(device)

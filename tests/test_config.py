@@ -76,6 +76,8 @@ REFUSED = {
     "seed-2**63": (None, [f"seed={2**63}"], "seed"),
     "seed-negative": (None, ["seed=-1"], "seed"),
     "beta-start-above-end": (None, ["diffusion.beta_start=0.03"], "diffusion.beta_start"),
+    "beta-start-above-end-cosine": (None, ["diffusion.schedule=cosine", "diffusion.beta_start=0.5",
+                                           "diffusion.beta_end=0.1"], "diffusion.beta_start"),  # make_schedule's rule
     "beta-end-one": (None, ["diffusion.beta_end=1"], "diffusion.beta_end"),
     "unknown-dataset": (None, ["data.dataset=mnist"], "data.dataset"),
     "bad-md5": (None, ["data.md5=abc"], "data.md5"),
