@@ -1,5 +1,6 @@
 """Getting and loading data. `python data.py --config config.yaml [key=value ...]` writes data/<dataset>/
-train.npy, test.npy (uint8 NCHW 32x32) and meta.json, atomically: an interrupted run leaves no half dataset.
+train.npy, test.npy (uint8 NCHW 32x32), their class labels train_labels.npy, test_labels.npy (uint8 (N,)) and
+meta.json, atomically: an interrupted run leaves no half dataset.
 CIFAR-10 is read from its tar.gz without extracting it, through an unpickler that only builds numpy arrays;
 Fashion-MNIST from its IDX files, zero-padded to 32x32. `BatchIterator` serves resumable shuffled batches.
 """
@@ -114,8 +115,9 @@ class _Unpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}") from None
 
 
-def _read_batch(blob: bytes, name: str) -> np.ndarray:
-    """One pickled batch -> uint8 (n, 3, 32, 32). Each row of b'data' is R, G, B planes, each 32x32 row-major."""
+def _read_batch(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled batch -> uint8 images (n, 3, 32, 32) and labels (n,). Each row of b'data' is R, G, B planes,
+    each 32x32 row-major; b'labels' is a list of class indices 0-9."""
     try:
         batch = _Unpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as e:  # a malformed pickle can raise almost anything: this is where it becomes a DataError
@@ -123,13 +125,18 @@ def _read_batch(blob: bytes, name: str) -> np.ndarray:
     data = batch.get(b"data") if isinstance(batch, dict) else None
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
         raise DataError(f"{name}: expected a dict whose b'data' is uint8 (N, 3072)")
-    return data.reshape(-1, 3, 32, 32)
+    labels = np.asarray(batch.get(b"labels", []))
+    if labels.shape != (len(data),) or labels.dtype.kind not in "iu" or (len(labels) and not 0 <= labels.min()
+                                                                          <= labels.max() <= 9):
+        raise DataError(f"{name}: expected b'labels', one class index in 0-9 per image")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.uint8)
 
 
 def _read_cifar(archive: Path, progress: bool) -> dict[str, np.ndarray]:
-    """CIFAR-10's python tar.gz -> {"train": (50000, 3, 32, 32), "test": (10000, 3, 32, 32)} uint8; labels ignored."""
+    """CIFAR-10's python tar.gz -> {"train": (50000, 3, 32, 32), "test": (10000, 3, 32, 32)} uint8 images and
+    {"train_labels": (50000,), "test_labels": (10000,)} uint8 class indices."""
     wanted = {m for members in CIFAR_MEMBERS.values() for m in members}
-    found: dict[str, np.ndarray] = {}
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
         with tarfile.open(archive, "r:gz") as tar, tqdm(total=len(wanted), desc=f"reading {archive.name}",
                                                         unit="batch", disable=not progress) as bar:
@@ -145,7 +152,11 @@ def _read_cifar(archive: Path, progress: bool) -> dict[str, np.ndarray]:
     missing = sorted(wanted - found.keys())
     if missing:
         raise DataError(f"{archive}: not a CIFAR-10 python archive (missing {', '.join(missing)})")
-    return {split: np.concatenate([found[m] for m in members]) for split, members in CIFAR_MEMBERS.items()}
+    out = {}
+    for split, members in CIFAR_MEMBERS.items():
+        out[split] = np.concatenate([found[m][0] for m in members])
+        out[f"{split}_labels"] = np.concatenate([found[m][1] for m in members])
+    return out
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
@@ -197,14 +208,17 @@ def _fmnist_files(folder: Path) -> dict[str, Path]:
 
 
 def _read_fmnist(files: dict[str, Path], progress: bool) -> dict[str, np.ndarray]:
-    """-> {"train": (60000, 1, 32, 32), "test": (10000, 1, 32, 32)} uint8: 28x28 images, 2 zero pixels each side."""
+    """-> {"train": (60000, 1, 32, 32), "test": (10000, 1, 32, 32)} uint8: 28x28 images, 2 zero pixels each side;
+    and {"train_labels", "test_labels"}: uint8 class indices 0-9."""
     out = {}
     for split, (images, labels) in tqdm(FMNIST_FILES.items(), desc="reading fashion-mnist", disable=not progress):
         x = _read_idx(files[images], 2051)
-        n_labels = len(_read_idx(files[labels], 2049))
-        if x.shape[1:] != (28, 28) or n_labels != len(x):
-            raise DataError(f"{files[images]}: expected 28x28 images, one per label; got {x.shape}, {n_labels} labels")
+        y = _read_idx(files[labels], 2049)
+        if x.shape[1:] != (28, 28) or len(y) != len(x) or (len(y) and y.max() > 9):
+            raise DataError(f"{files[images]}: expected 28x28 images, one label in 0-9 per image; got {x.shape}, "
+                            f"{len(y)} labels")
         out[split] = np.pad(x[:, None], ((0, 0), (0, 0), (2, 2), (2, 2)))
+        out[f"{split}_labels"] = y
     return out
 
 
@@ -227,7 +241,7 @@ def _is_current(target: Path, source_md5: dict[str, str]) -> bool:
     except (OSError, ValueError):
         return False
     return (isinstance(meta, dict) and meta.get("source_md5") == source_md5
-            and (target / "train.npy").is_file() and (target / "test.npy").is_file())
+            and all((target / f"{name}.npy").is_file() for name in ("train", "test", "train_labels", "test_labels")))
 
 
 def _fsync(path: Path) -> None:
@@ -287,6 +301,7 @@ def prepare(cfg: config.Data, out_root: str | Path = "data", progress: bool = Tr
     mean, std = _channel_stats(arrays["train"])
     meta = {"dataset": cfg.dataset, "layout": "uint8 NCHW", "source": source, "source_md5": source_md5,
             "train_shape": list(arrays["train"].shape), "test_shape": list(arrays["test"].shape),
+            "labels": "train_labels.npy, test_labels.npy: uint8 class index per image, 0-9",
             "train_mean_01": mean, "train_std_01": std, "stats": "per channel over train, pixels scaled to [0, 1]"}
     _write(target, arrays, meta)
     return target
@@ -312,6 +327,21 @@ def load_dataset(path: str | Path, subset: int | None = None) -> Tensor:
     if subset is not None and not 1 <= subset <= len(x):
         raise DataError(f"{p}: subset {subset} is not in [1, {len(x)}]")
     return torch.from_numpy(np.array(x[:subset]))  # a copy: the memory map stays read-only
+
+
+def load_labels(path: str | Path) -> Tensor:
+    """uint8 class indices (N,) of a dataset file: data/<dataset>/train.npy -> train_labels.npy beside it."""
+    p = Path(path)
+    p = p / "train.npy" if p.is_dir() else p
+    q = p.with_name(f"{p.stem}_labels.npy")
+    try:
+        y = np.load(q, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{q}: cannot load labels ({type(e).__name__}); prepare the data again: "
+                        f"python data.py --config config.yaml") from None
+    if not (y.dtype == np.uint8 and y.ndim == 1):
+        raise DataError(f"{q}: expected uint8 labels (N,), got {y.dtype} {y.shape}")
+    return torch.from_numpy(y)
 
 
 class BatchIterator:

@@ -1,8 +1,11 @@
 """FID and Inception Score of a checkpoint's EMA samples, resumable:
 
     python evaluate.py --checkpoint runs/default/checkpoint.pt --num-samples 50000 --steps 1000
+    python evaluate.py --checkpoint runs/fmnist/checkpoint.pt --features fashion-mnist --num-samples 2000 ...
 
 FID (Heusel et al. 2017) against the training set and IS (Salimans et al. 2016), as in Ho et al. 2020, Table 1.
+Offline, for Fashion-MNIST: FID in the features of the project's own classifier (features.py) against the test
+set, beside the real-data floor at the same number of images, and the class coverage.
 Samples go to <checkpoint dir>/eval/samples_<steps>_<variance>_<seed>/ in shards written atomically, so an
 interrupted run continues where it stopped; the result to <checkpoint dir>/eval.json. The network is
 torch-fidelity's port of the TF FID Inception (requirements-eval.txt), never downloaded from here.
@@ -121,12 +124,17 @@ def extract_features(images: Tensor, extractor: Extractor, *, batch_size: int = 
 
 
 def image_scores(images: Tensor, ref_stats: tuple[np.ndarray, np.ndarray], extractor: Extractor, *,
-                 batch_size: int = 256, progress: bool = False) -> dict:
-    """FID of uint8 images (N, C, H, W) against the reference (mu, sigma), and their Inception Score."""
+                 batch_size: int = 256, progress: bool = False, classes: bool = False) -> dict:
+    """FID of uint8 images (N, C, H, W) against the reference (mu, sigma), and their Inception Score; with
+    `classes` (a classifier's logits, not Inception's), the class coverage instead of the IS."""
     pool, logits = extract_features(images, extractor, batch_size=batch_size, progress=progress,
                                     desc="sample features")
+    fid = frechet_distance(*feature_stats(pool), *ref_stats)
+    if classes:
+        from features import class_coverage
+        return {"fid": fid, "class_coverage": class_coverage(logits)}
     is_mean, is_std = inception_score(logits)
-    return {"fid": frechet_distance(*feature_stats(pool), *ref_stats), "is_mean": is_mean, "is_std": is_std}
+    return {"fid": fid, "is_mean": is_mean, "is_std": is_std}
 
 
 class InceptionExtractor:
@@ -299,10 +307,13 @@ def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict
 def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: int | None = None,
              batch_size: int = 256, seed: int = 0, variance: str = "beta", ref: str | Path | None = None,
              device: str | torch.device = "auto", extractor: Extractor | None = None, progress: bool = True,
-             stats_cache: str | Path = "data/fid_stats",
+             stats_cache: str | Path = "data/fid_stats", features: str = "inception",
              generate: Callable[..., Tensor] = sample.generate) -> dict:
     """FID and IS of `num_samples` EMA samples of the checkpoint; writes and returns eval.json's content.
     `ref` defaults to the config's training set, data/<dataset>/train.npy; `extractor` to the FID Inception.
+    `features="fashion-mnist"`: the classifier of features.py instead (offline), FID against the test set
+    data/fashion-mnist/test.npy, the real-data floor (the first `num_samples` training images scored the same way)
+    and the class coverage instead of the IS.
     Everything that can fail on setup (checkpoint, extractor, reference) does so before any sampling."""
     checkpoint_path = Path(checkpoint_path)
     state = load_checkpoint(checkpoint_path, advice="(is it a checkpoint.pt written by train.py?)")
@@ -321,11 +332,18 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
     except ValueError as e:
         raise ValueError(f"--device {e}") from None
     dataset = state["config"]["data"]["dataset"]
-    ref = Path("data") / dataset / "train.npy" if ref is None else Path(ref)
+    if features not in ("inception", "fashion-mnist"):
+        raise ValueError(f"--features must be inception or fashion-mnist, got {features!r}")
+    classes = features == "fashion-mnist"
+    if classes and dataset != "fashion-mnist":
+        raise EvalError(f"--features fashion-mnist scores Fashion-MNIST samples; {checkpoint_path} was trained on "
+                        f"{dataset}")
+    ref = Path("data") / dataset / ("test.npy" if classes else "train.npy") if ref is None else Path(ref)
     if not ref.exists():
         raise EvalError(f"{ref}: reference not found" + ("" if ref.suffix != ".npy" else
-                        "; run `python data.py --config config.yaml` first, or pass --ref"))
-    extractor = extractor if extractor is not None else inception_extractor(device)
+                        f"; run `python data.py --config config.yaml data.dataset={dataset}` first, or pass --ref"))
+    if extractor is None:
+        extractor = _fashion_mnist_extractor(stats_cache, progress) if classes else inception_extractor(device)
     ref_stats = reference_stats(ref, extractor, cache_dir=stats_cache, batch_size=batch_size, progress=progress)
     model = model_from_checkpoint(state, ema=True, device=device)
     identity = {"checkpoint_step": state["step"], "ema_sha256": weights_digest(state["ema"]), "steps": steps,
@@ -335,8 +353,16 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
     images = sample_shards(model, schedule, folder, identity, num_samples=num_samples, batch_size=batch_size,
                            steps=steps, variance=variance, seed=seed, device=device, progress=progress,
                            generate=generate)
-    scores = image_scores(images, ref_stats, extractor, batch_size=batch_size, progress=progress)
-    reasons = [f"{num_samples} samples"] * (num_samples < PAPER["num_samples"]) \
+    scores = image_scores(images, ref_stats, extractor, batch_size=batch_size, progress=progress, classes=classes)
+    if classes:  # the same score for real training images: what a perfect model would get with this many images
+        from features import METRIC
+        real = load_images(Path("data") / dataset / "train.npy")[:num_samples]
+        floor = image_scores(real, ref_stats, extractor, batch_size=batch_size, classes=True)
+        scores.update(metric=METRIC, fid_floor=floor["fid"], fid_over_floor=scores["fid"] / max(floor["fid"], 1e-12),
+                      floor_class_coverage=floor["class_coverage"], floor_num_images=len(real),
+                      classifier_test_accuracy=getattr(extractor, "test_accuracy", None))
+    reasons = [f"{features} features (not Inception FID)"] * classes \
+        + [f"{num_samples} samples"] * (num_samples < PAPER["num_samples"]) \
         + [f"{steps} steps"] * (steps < PAPER["steps"]) + [f"dataset {dataset}"] * (dataset != PAPER["dataset"]) \
         + [f"variance {variance}"] * (variance != PAPER["variance"])
     paper = (f"the paper (Ho et al. 2020, Table 1: FID {PAPER['fid']}, IS {PAPER['is_mean']} from "
@@ -351,8 +377,23 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
     return result
 
 
+def _fashion_mnist_extractor(stats_cache: str | Path, progress: bool):
+    from features import FeatureError, fashion_mnist_extractor
+    try:
+        return fashion_mnist_extractor(Path("data") / "fashion-mnist", stats_cache, progress=progress)
+    except FeatureError as e:
+        raise EvalError(str(e)) from None
+
+
 def summary(result: dict, path: str | Path) -> str:
     """The one line main() prints."""
+    if "metric" in result:
+        return (f"{result['metric']}: {result['fid']:.3f} (real-data floor {result['fid_floor']:.3f} at "
+                f"{result['floor_num_images']} images, ratio {result['fid_over_floor']:.2f}), class coverage "
+                f"{result['class_coverage']:.2f} of 10 (real: {result['floor_class_coverage']:.2f}); classifier test "
+                f"accuracy {result['classifier_test_accuracy']:.2%} ({result['num_samples']} samples, "
+                f"{result['steps']} steps, variance {result['variance']}, seed {result['seed']}, checkpoint step "
+                f"{result['checkpoint_step']}); not comparable with Inception FIDs -> {path}")
     return (f"FID {result['fid']:.2f}  IS {result['is_mean']:.2f} ± {result['is_std']:.2f}  "
             f"({result['num_samples']} samples, {result['steps']} steps, variance {result['variance']}, seed "
             f"{result['seed']}, checkpoint step {result['checkpoint_step']}) {result['note']} -> {path}")
@@ -370,12 +411,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ref", default=None, help="reference: PNG folder, .npz of images (arr_0, NHWC) or of mu and "
                    "sigma, or a .npy (default: the checkpoint's training set, data/<dataset>/train.npy)")
     p.add_argument("--stats-cache", default="data/fid_stats", help="folder for cached reference statistics")
+    p.add_argument("--features", choices=["inception", "fashion-mnist"], default="inception",
+                   help="inception: FID Inception (needs its weights); fashion-mnist: the project's own classifier, "
+                   "offline (FID against data/fashion-mnist/test.npy, with the real-data floor)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     args = p.parse_args(argv)
     try:
         result = evaluate(args.checkpoint, num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed, variance=args.variance, ref=args.ref, device=args.device,
-                          stats_cache=args.stats_cache)
+                          stats_cache=args.stats_cache, features=args.features)
     except (EvalError, CheckpointError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:
