@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from ddpm import SAMPLERS, SPACINGS, VARIANCES
+
 
 GROUPS = 32
 
@@ -121,7 +123,10 @@ class Sample:
     every_epochs: int = field(default=10, metadata=_check(lambda v: v >= 0, ">= 0 (0: never)"))
     num_images: int = field(default=64, metadata=_check(lambda v: 1 <= v <= 100_000, "in [1, 100000]"))
     steps: int | None = field(default=None, metadata=_check(lambda v: v is None or v >= 1, ">= 1 or null"))
-    variance: str = field(default="beta", metadata=_choices("beta", "posterior"))
+    sampler: str = field(default="ddpm", metadata=_choices(*SAMPLERS))
+    eta: float = field(default=0.0, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    spacing: str = field(default="uniform", metadata=_choices(*SPACINGS))
+    variance: str = field(default="auto", metadata=_choices(*VARIANCES))
     clip: bool = True
 
 
@@ -147,9 +152,12 @@ class Config:
     wandb: Wandb = field(default_factory=Wandb)
 
 
-# Keys that may change between an interrupted run and its resume without changing its result.
+# Keys that may change between an interrupted run and its resume without changing what it trains. sample.* only
+# shape the preview grids drawn after the resume (the weights, history and metrics do not depend on them), and
+# checkpoints written before a sample key existed must still resume.
 RESUMABLE_KEYS = frozenset({"device", "train.epochs", "train.checkpoint_every", "data.num_workers", "data.root",
-                            "data.source", "data.md5", "wandb.mode", "wandb.project", "wandb.entity", "wandb.log_every"})
+                            "data.source", "data.md5", "wandb.mode", "wandb.project", "wandb.entity", "wandb.log_every",
+                            *(f"sample.{f.name}" for f in dataclasses.fields(Sample))})
 
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -220,6 +228,8 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"diffusion.beta_start: {d.beta_start} is larger than diffusion.beta_end {d.beta_end}")
     if s.steps is not None and s.steps > d.num_timesteps:
         raise ConfigError(f"sample.steps: {s.steps} is more than diffusion.num_timesteps {d.num_timesteps}")
+    if s.sampler == "ddpm" and s.eta != 0:
+        raise ConfigError(f"sample.eta: {s.eta} applies to sample.sampler ddim only (ancestral sampling has no eta)")
     try:
         check_unet_args(cfg.model.channels, cfg.model.channel_mult, cfg.model.attn_resolutions, image_size=32)
     except ValueError as e:

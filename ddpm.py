@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from fractions import Fraction
 from typing import Callable
 
 import torch
@@ -43,8 +44,9 @@ class Schedule:
         return Schedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-def schedule_from_betas(betas: Tensor) -> Schedule:
-    """All derived quantities from float64 betas, computed in float64 and cast once to float32."""
+def schedule_from_betas(betas: Tensor, dtype: torch.dtype = torch.float32) -> Schedule:
+    """All derived quantities from float64 betas, computed in float64 and cast once to `dtype` (float32, or
+    float64 for reference computations)."""
     assert betas.dtype == torch.float64 and betas.ndim == 1, (betas.dtype, betas.shape)
     alphas = 1.0 - betas
     ac = torch.cumprod(alphas, 0)
@@ -60,7 +62,7 @@ def schedule_from_betas(betas: Tensor) -> Schedule:
         posterior_mean_coef1=betas * ac_prev.sqrt() / (1.0 - ac),
         posterior_mean_coef2=(1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
     )
-    return Schedule(**{k: v.to(torch.float32) for k, v in fields64.items()})
+    return Schedule(**{k: v.to(dtype) for k, v in fields64.items()})
 
 
 def make_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -125,6 +127,13 @@ def loss(schedule: Schedule, model: Model, x0: Tensor, *, t: Tensor | None = Non
     return torch.mean((eps.float() - noise.float()) ** 2)
 
 
+def predict_x0(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    """x_0 from x_t and ε: eq. 4 solved for x_0 (the x_0 of eq. 15, DDIM's "predicted x_0" of its eq. 12),
+    x_0 = x_t / sqrt(ᾱ_t) - sqrt(1 / ᾱ_t - 1) ε."""
+    return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+            - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+
+
 def p_sample_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, noise: Tensor, *,
                   variance: str = "beta", clip: bool = True) -> Tensor:
     """One reverse step x_t -> x_{t-1} (Algorithm 2). With `clip`, predict x_0 from ε (eq. 15 inverted),
@@ -133,8 +142,7 @@ def p_sample_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, noise
     assert eps.shape == x_t.shape == noise.shape, (eps.shape, x_t.shape, noise.shape)
     shape = x_t.shape
     if clip:
-        x0 = (extract(schedule.sqrt_recip_alphas_cumprod, t, shape) * x_t
-              - extract(schedule.sqrt_recipm1_alphas_cumprod, t, shape) * eps).clamp(-1.0, 1.0)
+        x0 = predict_x0(schedule, eps, x_t, t).clamp(-1.0, 1.0)
         mean = extract(schedule.posterior_mean_coef1, t, shape) * x0 + extract(schedule.posterior_mean_coef2, t, shape) * x_t
     else:  # eq. 11
         mean = (x_t - extract(schedule.betas / schedule.sqrt_one_minus_alphas_cumprod, t, shape) * eps) \
@@ -149,30 +157,114 @@ def p_sample_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, noise
     return mean + nonzero * std * noise
 
 
-def respace(schedule: Schedule, steps: int) -> tuple[Schedule, Tensor]:
-    """A schedule on `steps` evenly spaced timesteps of [0, T) (Nichol & Dhariwal 2021, §4): β recomputed
-    from ᾱ on the subsequence, β'_i = 1 - ᾱ_{τ_i} / ᾱ_{τ_{i-1}}. Returns it and the original indices τ."""
-    T = schedule.num_timesteps
-    if not 1 <= steps <= T:
+def _check_eta(eta: float) -> None:
+    # Beyond η = 1 the variance left for ε in eq. 12, 1 - ᾱ_{t-1} - σ², can be negative.
+    if not 0.0 <= eta <= 1.0:  # also rejects NaN
+        raise ValueError(f"eta must be in [0, 1], got eta={eta!r}")
+
+
+def ddim_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, noise: Tensor, *, eta: float = 0.0,
+              clip: bool = True) -> Tensor:
+    """One DDIM step x_t -> x_{t-1} (Song et al. 2021, arXiv:2010.02502, eq. 12; their α is our ᾱ):
+        x_{t-1} = sqrt(ᾱ_{t-1}) x̂_0 + sqrt(1 - ᾱ_{t-1} - σ_t²) ε + σ_t z,
+        σ_t = η sqrt((1 - ᾱ_{t-1}) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_{t-1})                     (eq. 16),
+    with x̂_0 = `predict_x0` and z = `noise`: η = 0 is deterministic, η = 1 has DDPM's σ² = β̃. `t` indexes
+    `schedule` (respaced or not) and ᾱ_{t-1} is `schedule.alphas_cumprod_prev[t]`, so at t = 0 (ᾱ_{-1} = 1) the
+    step returns x̂_0. With `clip`, x̂_0 is clamped to [-1, 1] and ε re-derived from it (improved-diffusion's
+    ddim_sample; diffusers' DDIMScheduler with use_clipped_model_output=True)."""
+    assert eps.shape == x_t.shape == noise.shape, (eps.shape, x_t.shape, noise.shape)
+    _check_eta(eta)
+    shape = x_t.shape
+    ab, ab_prev = extract(schedule.alphas_cumprod, t, shape), extract(schedule.alphas_cumprod_prev, t, shape)
+    x0 = predict_x0(schedule, eps, x_t, t)
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (extract(schedule.sqrt_recip_alphas_cumprod, t, shape) * x_t - x0) \
+            / extract(schedule.sqrt_recipm1_alphas_cumprod, t, shape)
+    sigma = eta * ((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev)).sqrt()
+    direction = (1.0 - ab_prev - sigma ** 2).clamp(min=0.0).sqrt()  # >= 0 for η <= 1; the clamp absorbs rounding
+    return ab_prev.sqrt() * x0 + direction * eps + sigma * noise
+
+
+SAMPLERS = ("ddpm", "ddim")
+SPACINGS = ("uniform", "quadratic", "leading", "trailing")
+VARIANCES = ("auto", "beta", "posterior")
+
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tensor:
+    """The `steps` original timesteps τ_0 < τ_1 < ... < τ_{S-1} in [0, T) that a respaced sampler visits
+    (S = steps, T = num_timesteps), a CPU LongTensor. S = T gives every timestep, whatever the spacing.
+      uniform    τ_i = round(i (T - 1) / (S - 1)) from 0 to T - 1 (Nichol & Dhariwal 2021, §4); diffusers'
+                 "linspace". S = 1 gives [T - 1].
+      quadratic  τ_i = max(i, floor(c i²)), c = (T - 1) / (S - 1)², from 0 to T - 1: DDIM's quadratic selection
+                 (Song et al. 2021, App. D.2) exactly while S <= 1 + sqrt(T - 1) (32 for T = 1000); beyond, its
+                 floor(c i²) repeats the first timesteps and the max keeps them one apart. S = 1 gives [T - 1].
+                 (DDIM's code ends at 0.8 T for CIFAR-10; here it ends at T - 1, as uniform does.)
+      leading    τ_i = i floor(T / S) from 0 (diffusers' "leading", steps_offset 0; DDIM's "linear" selection):
+                 ends at (S - 1) floor(T / S), below T - 1 unless S = T. S = 1 gives [0].
+      trailing   τ_i = round((i + 1) T / S) - 1, ending at T - 1 (diffusers' "trailing"; Lin et al. 2024, Table 2).
+    Rounding is half to even, of the exact fractions."""
+    T = num_timesteps
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"num_timesteps must be an integer >= 1, got num_timesteps={T!r}")
+    if not isinstance(steps, int) or not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got steps={steps!r}")
+    S = steps
+    if spacing == "uniform":
+        taus = [round(Fraction(i * (T - 1), S - 1)) for i in range(S)] if S > 1 else [T - 1]
+    elif spacing == "quadratic":
+        taus = [max(i, (T - 1) * i * i // (S - 1) ** 2) for i in range(S)] if S > 1 else [T - 1]
+    elif spacing == "leading":
+        taus = [i * (T // S) for i in range(S)]
+    elif spacing == "trailing":
+        taus = [round(Fraction((i + 1) * T, S)) - 1 for i in range(S)]
+    else:
+        hint = " (diffusers' 'linspace' is 'uniform')" if spacing == "linspace" else ""
+        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got spacing={spacing!r}{hint}")
+    return torch.tensor(taus, dtype=torch.long)
+
+
+def respace(schedule: Schedule, steps: int, spacing: str = "uniform") -> tuple[Schedule, Tensor]:
+    """A schedule on the timesteps τ = `spaced_timesteps(T, steps, spacing)` (Nichol & Dhariwal 2021, §4): β
+    recomputed from ᾱ on the subsequence, β'_i = 1 - ᾱ_{τ_i} / ᾱ_{τ_{i-1}}, with ᾱ before τ_0 = 1. Returns it
+    (in the schedule's dtype and on its device) and τ (on its device)."""
+    T = schedule.num_timesteps
+    taus = spaced_timesteps(T, steps, spacing)
     if steps == T:
-        return schedule, torch.arange(T, device=schedule.device)
-    # τ_0 = 0 and τ_{steps-1} = T - 1, rounded to the nearest index in between.
-    taus = torch.tensor(sorted({round(i * (T - 1) / max(steps - 1, 1)) for i in range(steps)}) if steps > 1 else [T - 1])
+        return schedule, taus.to(schedule.device)
     ac = schedule.alphas_cumprod.cpu().double()[taus]
     betas = 1.0 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
-    return schedule_from_betas(betas).to(schedule.device), taus.to(schedule.device)
+    return schedule_from_betas(betas, schedule.betas.dtype).to(schedule.device), taus.to(schedule.device)
+
+
+def resolve_variance(variance: str, steps: int | None, num_timesteps: int) -> str:
+    """The ancestral sampler's σ² for `steps` of T (None: all): "auto" is β ("beta", the paper's choice for
+    CIFAR-10) on all T steps and β̃ ("posterior") when respaced, where σ² = β is far worse (Nichol & Dhariwal
+    2021, §4); "beta" and "posterior" pass through."""
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {', '.join(VARIANCES)}, got variance={variance!r}")
+    if variance != "auto":
+        return variance
+    return "beta" if steps is None or steps >= num_timesteps else "posterior"
 
 
 @torch.no_grad()
 def sample(schedule: Schedule, model: Model, shape: tuple[int, ...], *, steps: int | None = None,
            variance: str = "beta", clip: bool = True, generator: torch.Generator | None = None,
-           device: torch.device | str | None = None, progress: bool = False) -> Tensor:
-    """Ancestral sampling (Algorithm 2) from x_T ~ N(0, I); returns images in [-1, 1] on `device`
-    (default: the schedule's). With `steps` < T, samples on a respaced schedule (see `respace`);
-    the model still receives the original timestep indices."""
+           device: torch.device | str | None = None, progress: bool = False, sampler: str = "ddpm",
+           eta: float = 0.0, spacing: str = "uniform") -> Tensor:
+    """Images in [-1, 1] on `device` (default: the schedule's) from x_T ~ N(0, I), by ancestral sampling
+    (sampler "ddpm": Algorithm 2, σ² from `resolve_variance`) or DDIM (sampler "ddim": `ddim_step` with `eta`).
+    With `steps` < T both run on the schedule respaced to `spaced_timesteps(T, steps, spacing)` (`respace`);
+    the model still receives the original timestep indices. DDIM with η = 0 draws nothing after x_T."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got sampler={sampler!r}")
+    _check_eta(eta)
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError(f"eta applies to sampler 'ddim' only, got eta={eta!r} with sampler 'ddpm'")
     device = torch.device(device) if device is not None else schedule.device
-    sched, taus = respace(schedule.to(device), steps if steps is not None else schedule.num_timesteps)
+    variance = resolve_variance(variance, steps, schedule.num_timesteps)
+    sched, taus = respace(schedule.to(device), steps if steps is not None else schedule.num_timesteps, spacing)
     x = _randn(shape, generator, device)
     indices = range(len(taus) - 1, -1, -1)
     if progress:
@@ -180,8 +272,12 @@ def sample(schedule: Schedule, model: Model, shape: tuple[int, ...], *, steps: i
         indices = tqdm(indices, desc="sampling", unit="step", leave=False)
     for i in indices:
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        eps = model(x, taus[t])
-        x = p_sample_step(sched, eps.to(x.dtype), x, t, _randn(shape, generator, device), variance=variance, clip=clip)
+        eps = model(x, taus[t]).to(x.dtype)
+        if sampler == "ddim":
+            noise = _randn(shape, generator, device) if eta > 0 else torch.zeros_like(x)
+            x = ddim_step(sched, eps, x, t, noise, eta=eta, clip=clip)
+        else:
+            x = p_sample_step(sched, eps, x, t, _randn(shape, generator, device), variance=variance, clip=clip)
     return x.clamp(-1.0, 1.0)
 
 

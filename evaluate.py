@@ -6,8 +6,8 @@
 FID (Heusel et al. 2017) against the training set and IS (Salimans et al. 2016), as in Ho et al. 2020, Table 1.
 Offline, for Fashion-MNIST: FID in the features of the project's own classifier (features.py) against the test
 set, beside the real-data floor at the same number of images, and the class coverage.
-Samples go to <checkpoint dir>/eval/samples_<steps>_<variance>_<seed>/ in shards written atomically, so an
-interrupted run continues where it stopped; the result to <checkpoint dir>/eval.json. The network is
+Samples go to <checkpoint dir>/eval/samples_<steps>_..._<seed>/ (see `samples_folder`) in shards written atomically,
+so an interrupted run continues where it stopped; the result to <checkpoint dir>/eval.json. The network is
 torch-fidelity's port of the TF FID Inception (requirements-eval.txt), never downloaded from here.
 """
 from __future__ import annotations
@@ -24,10 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import ddpm
 import sample
 from checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint, write_json
 
-PAPER = {"fid": 3.17, "is_mean": 9.46, "num_samples": 50_000, "steps": 1000, "dataset": "cifar10", "variance": "beta"}
+PAPER = {"fid": 3.17, "is_mean": 9.46, "num_samples": 50_000, "steps": 1000, "dataset": "cifar10", "variance": "beta",
+         "sampler": "ddpm"}
+# What a meta.json written before sampler, eta and spacing existed sampled with: its shards stay valid.
+LEGACY_IDENTITY = {"sampler": "ddpm", "eta": 0.0, "spacing": "uniform"}
 IS_SPLITS = 10           # Salimans et al.'s code: the score's mean and std over 10 parts
 SEED_STRIDE = 2 ** 20    # shard k of --seed s uses generator seed s * SEED_STRIDE + k: seeds share no shard
 MAX_SEED = 2 ** 40
@@ -256,6 +260,8 @@ def _claim(folder: Path, identity: dict) -> None:
         old = json.loads(meta.read_text())
     except (OSError, ValueError):
         old = None
+    if isinstance(old, dict):
+        old = {**LEGACY_IDENTITY, **old}
     if old == identity:
         return
     shards = sorted(folder.glob("shard_*.npy"))
@@ -280,7 +286,8 @@ def _read_shard(path: Path, shape: tuple[int, ...]) -> Tensor | None:
 
 def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict, *, num_samples: int,
                   batch_size: int, steps: int, variance: str, seed: int, device: torch.device,
-                  progress: bool = False, generate: Callable[..., Tensor] = sample.generate) -> Tensor:
+                  progress: bool = False, generate: Callable[..., Tensor] = sample.generate, sampler: str = "ddpm",
+                  eta: float = 0.0, spacing: str = "uniform") -> Tensor:
     """The first `num_samples` images, uint8 (N, C, H, W), of shards of `batch_size` images in `folder`,
     generating only the missing ones. Shard k is one batch with generator seed `seed * SEED_STRIDE + k`, so the
     shards equal `generate(model, schedule, k * batch_size, batch_size=batch_size, seed=seed * SEED_STRIDE)`
@@ -295,7 +302,8 @@ def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict
             x = _read_shard(path, shape)
             if x is None:
                 x = generate(model, schedule, batch_size, batch_size=batch_size, steps=steps, variance=variance,
-                             clip=True, seed=seed * SEED_STRIDE + k, device=device, progress=progress)
+                             clip=True, seed=seed * SEED_STRIDE + k, device=device, progress=progress,
+                             sampler=sampler, eta=eta, spacing=spacing)
                 atomic_save(path, np.save, x.numpy())
             out.append(x)
             bar.update(min(batch_size, num_samples - k * batch_size))
@@ -304,11 +312,28 @@ def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict
 
 # ---------------------------------------------------------------- the evaluation
 
+def samples_folder(steps: int, seed: int, sampler: str, eta: float, spacing: str, variance: str | None) -> str:
+    """The shard folder's name: every setting that changes the samples, so that no two settings share one.
+    Ancestral sampling on the uniform spacing keeps the name it had before DDIM and spacings existed
+    (samples_<steps>_<variance>_<seed>), so shards sampled then are still found."""
+    how = variance if sampler == "ddpm" else f"ddim-eta{eta!r}"
+    return f"samples_{steps}{'' if spacing == 'uniform' else '_' + spacing}_{how}_{seed}"
+
+
+def paper_differences(*, num_samples: int, steps: int, dataset: str, sampler: str, variance: str | None) -> list[str]:
+    """Why a result is not comparable with Ho et al. 2020, Table 1 (empty: it is); `variance` is resolved."""
+    return ([f"{num_samples} samples"] * (num_samples < PAPER["num_samples"])
+            + [f"{steps} steps"] * (steps < PAPER["steps"]) + [f"dataset {dataset}"] * (dataset != PAPER["dataset"])
+            + [f"sampler {sampler}"] * (sampler != PAPER["sampler"])
+            + [f"variance {variance}"] * (sampler == PAPER["sampler"] and variance != PAPER["variance"]))
+
+
 def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: int | None = None,
              batch_size: int = 256, seed: int = 0, variance: str = "beta", ref: str | Path | None = None,
              device: str | torch.device = "auto", extractor: Extractor | None = None, progress: bool = True,
              stats_cache: str | Path = "data/fid_stats", features: str = "inception",
-             generate: Callable[..., Tensor] = sample.generate) -> dict:
+             generate: Callable[..., Tensor] = sample.generate, sampler: str = "ddpm", eta: float = 0.0,
+             spacing: str = "uniform") -> dict:
     """FID and IS of `num_samples` EMA samples of the checkpoint; writes and returns eval.json's content.
     `ref` defaults to the config's training set, data/<dataset>/train.npy; `extractor` to the FID Inception.
     `features="fashion-mnist"`: the classifier of features.py instead (offline), FID against the test set
@@ -325,8 +350,11 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
         raise ValueError(f"--num-samples must be >= {IS_SPLITS} (the IS splits) and --batch-size >= 1")
     if not 0 <= seed < MAX_SEED:
         raise ValueError(f"--seed must be in [0, 2**40), got {seed}")
-    if variance not in ("beta", "posterior"):
-        raise ValueError(f"--variance must be beta or posterior, got {variance!r}")
+    sample.check_sampler_flags(sampler, eta, spacing, variance)
+    variance = ddpm.resolve_variance(variance, steps, schedule.num_timesteps)
+    # What changes the samples: DDIM has no variance to choose, and at all T steps every spacing is the same.
+    shown_variance = variance if sampler == "ddpm" else None
+    spacing = spacing if steps < schedule.num_timesteps else "uniform"
     try:
         device = sample.resolve_device(device)
     except ValueError as e:
@@ -347,12 +375,13 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
     ref_stats = reference_stats(ref, extractor, cache_dir=stats_cache, batch_size=batch_size, progress=progress)
     model = model_from_checkpoint(state, ema=True, device=device)
     identity = {"checkpoint_step": state["step"], "ema_sha256": weights_digest(state["ema"]), "steps": steps,
-                "variance": variance, "seed": seed, "seed_stride": SEED_STRIDE, "batch_size": batch_size,
-                "clip": True, "image_shape": [model.in_channels, model.image_size, model.image_size]}
-    folder = checkpoint_path.parent / "eval" / f"samples_{steps}_{variance}_{seed}"
+                "variance": shown_variance, "seed": seed, "seed_stride": SEED_STRIDE, "batch_size": batch_size,
+                "clip": True, "image_shape": [model.in_channels, model.image_size, model.image_size],
+                "sampler": sampler, "eta": eta, "spacing": spacing}
+    folder = checkpoint_path.parent / "eval" / samples_folder(steps, seed, sampler, eta, spacing, shown_variance)
     images = sample_shards(model, schedule, folder, identity, num_samples=num_samples, batch_size=batch_size,
                            steps=steps, variance=variance, seed=seed, device=device, progress=progress,
-                           generate=generate)
+                           generate=generate, sampler=sampler, eta=eta, spacing=spacing)
     scores = image_scores(images, ref_stats, extractor, batch_size=batch_size, progress=progress, classes=classes)
     if classes:  # the same score for real training images: what a perfect model would get with this many images
         from features import METRIC
@@ -361,14 +390,13 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
         scores.update(metric=METRIC, fid_floor=floor["fid"], fid_over_floor=scores["fid"] / max(floor["fid"], 1e-12),
                       floor_class_coverage=floor["class_coverage"], floor_num_images=len(real),
                       classifier_test_accuracy=getattr(extractor, "test_accuracy", None))
-    reasons = [f"{features} features (not Inception FID)"] * classes \
-        + [f"{num_samples} samples"] * (num_samples < PAPER["num_samples"]) \
-        + [f"{steps} steps"] * (steps < PAPER["steps"]) + [f"dataset {dataset}"] * (dataset != PAPER["dataset"]) \
-        + [f"variance {variance}"] * (variance != PAPER["variance"])
+    reasons = [f"{features} features (not Inception FID)"] * classes + paper_differences(
+        num_samples=num_samples, steps=steps, dataset=dataset, sampler=sampler, variance=shown_variance)
     paper = (f"the paper (Ho et al. 2020, Table 1: FID {PAPER['fid']}, IS {PAPER['is_mean']} from "
-             f"{PAPER['num_samples']} samples of {PAPER['steps']} steps with variance beta on CIFAR-10, FID against the "
-             f"training set)")
-    result = {**scores, "num_samples": num_samples, "steps": steps, "variance": variance, "seed": seed,
+             f"{PAPER['num_samples']} samples of {PAPER['steps']} ancestral steps with variance beta on CIFAR-10, FID "
+             f"against the training set)")
+    result = {**scores, "num_samples": num_samples, "steps": steps, "sampler": sampler, "eta": eta,
+              "spacing": spacing, "variance": shown_variance, "seed": seed,
               "batch_size": batch_size, "checkpoint_step": state["step"], "weights": "ema", "dataset": dataset,
               "ref": str(ref), "extractor": extractor.name, "comparable_with_paper": not reasons,
               "note": f"comparable with {paper}" if not reasons
@@ -387,15 +415,17 @@ def _fashion_mnist_extractor(stats_cache: str | Path, progress: bool):
 
 def summary(result: dict, path: str | Path) -> str:
     """The one line main() prints."""
+    how = f"variance {result['variance']}" if result.get("sampler", "ddpm") == "ddpm" else f"DDIM eta {result['eta']}"
+    spacing = f" {result['spacing']}" if result.get("spacing", "uniform") != "uniform" else ""
     if "metric" in result:
         return (f"{result['metric']}: {result['fid']:.3f} (real-data floor {result['fid_floor']:.3f} at "
                 f"{result['floor_num_images']} images, ratio {result['fid_over_floor']:.2f}), class coverage "
                 f"{result['class_coverage']:.2f} of 10 (real: {result['floor_class_coverage']:.2f}); classifier test "
                 f"accuracy {result['classifier_test_accuracy']:.2%} ({result['num_samples']} samples, "
-                f"{result['steps']} steps, variance {result['variance']}, seed {result['seed']}, checkpoint step "
+                f"{result['steps']}{spacing} steps, {how}, seed {result['seed']}, checkpoint step "
                 f"{result['checkpoint_step']}); not comparable with Inception FIDs -> {path}")
     return (f"FID {result['fid']:.2f}  IS {result['is_mean']:.2f} ± {result['is_std']:.2f}  "
-            f"({result['num_samples']} samples, {result['steps']} steps, variance {result['variance']}, seed "
+            f"({result['num_samples']} samples, {result['steps']}{spacing} steps, {how}, seed "
             f"{result['seed']}, checkpoint step {result['checkpoint_step']}) {result['note']} -> {path}")
 
 
@@ -405,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train.py")
     p.add_argument("--num-samples", type=int, default=PAPER["num_samples"], help="50000 for the paper's numbers")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all; fewer = respaced)")
-    p.add_argument("--variance", choices=["beta", "posterior"], default="beta")
+    sample.add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256, help="sampling and Inception batch (also the shard size)")
     p.add_argument("--ref", default=None, help="reference: PNG folder, .npz of images (arr_0, NHWC) or of mu and "
@@ -419,7 +449,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = evaluate(args.checkpoint, num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed, variance=args.variance, ref=args.ref, device=args.device,
-                          stats_cache=args.stats_cache, features=args.features)
+                          stats_cache=args.stats_cache, features=args.features, sampler=args.sampler, eta=args.eta,
+                          spacing=args.spacing)
     except (EvalError, CheckpointError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:

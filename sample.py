@@ -15,6 +15,7 @@ from torch import Tensor
 
 import ddpm
 from checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint, save_grid
+from config import Sample
 
 
 def schedule_from_config(cfg: dict) -> ddpm.Schedule:
@@ -66,10 +67,11 @@ def fast_eps(model: torch.nn.Module, device: torch.device, *, amp_dtype: torch.d
 def generate(model: torch.nn.Module, schedule: ddpm.Schedule, num_images: int, *, batch_size: int = 256,
              steps: int | None = None, variance: str = "beta", clip: bool = True, seed: int = 0,
              device: torch.device | str = "cpu", progress: bool = False, precision: str = "fp32",
-             compile: bool = False) -> Tensor:
+             compile: bool = False, sampler: str = "ddpm", eta: float = 0.0, spacing: str = "uniform") -> Tensor:
     """`num_images` samples as uint8 (N, C, H, W) on the CPU. Batch k uses the generator seeded with
     `seed + k`, so the images do not depend on what else was sampled before them. `precision="bf16"` and
-    `compile` are the fast path (docs/benchmarks.md); fp32 eager is exact."""
+    `compile` are the fast path (docs/benchmarks.md); fp32 eager is exact. `sampler`, `eta`, `spacing`,
+    `steps`, `variance` and `clip` are ddpm.sample's."""
     device = torch.device(device)
     schedule = schedule.to(device)
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
@@ -81,9 +83,34 @@ def generate(model: torch.nn.Module, schedule: ddpm.Schedule, num_images: int, *
         n = min(batch_size, num_images - start)
         gen = torch.Generator(device).manual_seed(seed + k)
         x = ddpm.sample(schedule, eps, (n, *shape), steps=steps, variance=variance, clip=clip, generator=gen,
-                        device=device, progress=progress)
+                        device=device, progress=progress, sampler=sampler, eta=eta, spacing=spacing)
         out.append(ddpm.to_uint8(x).cpu())
     return torch.cat(out)
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """--sampler, --eta, --spacing, --variance, defaulting to config.yaml's sample.* defaults (shared with
+    evaluate.py)."""
+    d = Sample()
+    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=d.sampler,
+                   help=f"ddpm: ancestral (Algorithm 2); ddim: Song et al. 2021 (default: {d.sampler})")
+    p.add_argument("--eta", type=float, default=d.eta, help=f"DDIM's η in [0, 1]; 0 is deterministic (default: {d.eta})")
+    p.add_argument("--spacing", choices=ddpm.SPACINGS, default=d.spacing,
+                   help=f"which timesteps a respaced sampler visits (default: {d.spacing})")
+    p.add_argument("--variance", choices=ddpm.VARIANCES, default=d.variance,
+                   help=f"ddpm's σ²; auto: beta at all steps, posterior when respaced (default: {d.variance})")
+
+
+def check_sampler_flags(sampler: str, eta: float, spacing: str, variance: str) -> None:
+    """The checks config.py makes on sample.*, as a ValueError that names the flag."""
+    for flag, value, options in (("--sampler", sampler, ddpm.SAMPLERS), ("--spacing", spacing, ddpm.SPACINGS),
+                                 ("--variance", variance, ddpm.VARIANCES)):
+        if value not in options:
+            raise ValueError(f"{flag} must be one of {', '.join(options)}, got {value!r}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"--eta must be in [0, 1], got {eta}")
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError(f"--eta {eta} applies to --sampler ddim only (ancestral sampling has no eta)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train.py")
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all; fewer = respaced)")
-    p.add_argument("--variance", choices=["beta", "posterior"], default="beta")
+    add_sampler_arguments(p)
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -114,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         schedule = schedule_from_config(state["config"])
         if args.steps is not None and not 1 <= args.steps <= schedule.num_timesteps:
             raise ValueError(f"--steps must be in [1, {schedule.num_timesteps}], got {args.steps}")
+        check_sampler_flags(args.sampler, args.eta, args.spacing, args.variance)
         model = model_from_checkpoint(state, ema=not args.raw, device=device)
     except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -121,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     precision = resolve_precision(args.precision, device)
     images = generate(model, schedule, args.num_images, batch_size=args.batch_size, steps=args.steps,
                       variance=args.variance, clip=not args.no_clip, seed=args.seed, device=device, progress=True,
-                      precision=precision, compile=args.compile)
+                      precision=precision, compile=args.compile, sampler=args.sampler, eta=args.eta,
+                      spacing=args.spacing)
     save_grid(images, args.out)
     if args.npz:
         atomic_save(args.npz, np.savez, images.permute(0, 2, 3, 1).numpy())

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
 import config
+import ddpm
 import train
 from helpers import ROOT, files_under, one_error_line, run_cli
 
@@ -206,7 +207,9 @@ def test_defaults_follow_the_paper() -> None:
     assert (c.model.attn_resolutions, c.model.dropout, c.data.random_flip) == ((16,), 0.1, True)
     assert (c.diffusion.num_timesteps, c.diffusion.schedule) == (1000, "linear")
     assert (c.diffusion.beta_start, c.diffusion.beta_end) == (1e-4, 0.02)
-    assert (c.data.dataset, c.sample.variance, c.sample.clip) == ("cifar10", "beta", True)
+    assert (c.data.dataset, c.sample.sampler, c.sample.clip) == ("cifar10", "ddpm", True)
+    # Samples with σ² = β at all T steps: "auto" is β there (β̃ only when respaced).
+    assert ddpm.resolve_variance(c.sample.variance, c.sample.steps, c.diffusion.num_timesteps) == "beta"
     steps = c.train.epochs * math.ceil(50_000 / c.train.batch_size)  # 800k steps (paper)
     assert abs(steps - 800_000) <= math.ceil(50_000 / c.train.batch_size), steps
 

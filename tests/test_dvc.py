@@ -18,7 +18,8 @@ from test_data import make_cifar_archive, md5_of
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 PROJECT_FILES = ["ddpm.py", "unet.py", "data.py", "train.py", "config.py", "checkpoint.py", "sample.py",
-                 "config.yaml", "dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"]
+                 "config.yaml", "dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
+                 "evaluate.py", "requirements-eval.txt", "eval/dvc.yaml", "eval/.dvc/config", "eval/.dvc/.gitignore"]
 TINY = {"model": {"channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": []},
         "diffusion": {"num_timesteps": 50}, "train": {"epochs": 1, "batch_size": 8, "warmup_steps": 0},
         "sample": {"num_images": 4, "steps": 3}, "wandb": {"mode": "disabled"}}
@@ -77,8 +78,12 @@ def test_repro_runs_both_stages_then_nothing(repo: Path) -> None:
     assert set(lock["stages"]) == {"prepare", "train"}
     assert (repo / "runs/default/metrics.json").is_file() and (repo / "runs/default/checkpoint.pt").is_file()
     commit(repo, "first run")
-    assert stale(repo) == set()
+    assert stale(repo) == set()  # the opt-in evaluation, never run, is not listed (eval/ is a project of its own)
     assert "Running stage" not in run(repo, "dvc", "repro")
+    # ... and stays one documented command away: DVC resolves it (root config, paths, deps) and would run it.
+    assert set(json.loads(run(repo, "dvc", "--cd", "eval", "status", "--json"))) == {"evaluate"}
+    dry = run(repo, "dvc", "--cd", "eval", "repro", "--dry")
+    assert "Running stage 'evaluate'" in dry and "python evaluate.py --checkpoint runs/default/checkpoint.pt" in dry
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -89,6 +94,7 @@ def test_repro_runs_both_stages_then_nothing(repo: Path) -> None:
     (("file", "unet.py"), {"train"}),
     (("file", "train.py"), {"train"}),
     (("file", "data.py"), {"prepare", "train"}),
+    (("file", "evaluate.py"), set()),  # the evaluation's code is not the pipeline's
     (("config", "data.dataset", "fashion-mnist"), {"prepare", "train"}),
 ])
 def test_a_change_reruns_exactly_the_stages_that_depend_on_it(repo: Path, change, expected) -> None:

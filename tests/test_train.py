@@ -268,7 +268,9 @@ def test_training(dataset: str, device: torch.device, workdir: Path, request) ->
     # The last grid is the EMA model's samples for the epoch's seed: regenerate them from the checkpoint alone.
     ema = checkpoint.model_from_checkpoint(state, device=device)
     schedule = sample.schedule_from_config(state["config"]).to(device)
-    x = ddpm.sample(schedule, ema, (4, channels, 32, 32), steps=5, device=device,
+    sc = cfg.sample  # the config's sampler settings (variance auto: β̃ at 5 of 100 steps)
+    x = ddpm.sample(schedule, ema, (4, channels, 32, 32), steps=5, device=device, sampler=sc.sampler, eta=sc.eta,
+                    spacing=sc.spacing, variance=sc.variance,
                     generator=torch.Generator(device).manual_seed(train.derive_seed(cfg.seed, 3, 3)))
     assert torch.isfinite(x).all() and -1 <= x.min() and x.max() <= 1 and x.std() > 0.05
     unit = ddpm.to_unit(x)
@@ -547,12 +549,13 @@ def test_sample_cli_from_a_training_checkpoint(tiny_run, workdir: Path, capsys) 
 
     # The same images from the checkpoint alone: its EMA weights, its schedule, generate's seed convention.
     state = checkpoint.load_checkpoint(ckpt)
+    defaults = {k: getattr(config.Sample(), k) for k in ("sampler", "eta", "spacing", "variance")}  # the CLI's
     images = sample.generate(checkpoint.model_from_checkpoint(state), sample.schedule_from_config(state["config"]),
-                             4, steps=5, seed=1)
+                             4, steps=5, seed=1, **defaults)
     assert torch.equal(images.permute(0, 2, 3, 1), torch.from_numpy(arrays[0]))
 
-    # Another seed, the raw weights and the posterior variance give other images.
-    sample.main([*args[:-1], "2", "--out", "s3.png", "--npz", "s3.npz", "--raw", "--variance", "posterior",
+    # Another seed, the raw weights and the paper's variance give other images.
+    sample.main([*args[:-1], "2", "--out", "s3.png", "--npz", "s3.npz", "--raw", "--variance", "beta",
                  "--batch-size", "3"])
     assert "raw weights" in capsys.readouterr().out
     with np.load(workdir / "s3.npz") as f:
