@@ -131,6 +131,14 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Eval:
+    """Sample quality during training: FID of `num_samples` EMA samples drawn with the sample.* sampler."""
+    every_epochs: int = field(default=0, metadata=_check(lambda v: v >= 0, ">= 0 (0: never)"))
+    num_samples: int = field(default=500, metadata=_check(lambda v: 10 <= v <= 100_000, "in [10, 100000]"))
+    features: str = field(default="auto", metadata=_choices("auto", "fashion-mnist", "inception"))
+
+
+@dataclass(frozen=True)
 class Wandb:
     mode: str = field(default="auto", metadata=_choices("auto", "online", "offline", "disabled"))
     project: str = "ddpm-cifar10"
@@ -149,6 +157,7 @@ class Config:
     diffusion: Diffusion = field(default_factory=Diffusion)
     train: Train = field(default_factory=Train)
     sample: Sample = field(default_factory=Sample)
+    eval: Eval = field(default_factory=Eval)
     wandb: Wandb = field(default_factory=Wandb)
 
 
@@ -158,6 +167,13 @@ class Config:
 RESUMABLE_KEYS = frozenset({"device", "train.epochs", "train.checkpoint_every", "data.num_workers", "data.root",
                             "data.source", "data.md5", "wandb.mode", "wandb.project", "wandb.entity", "wandb.log_every",
                             *(f"sample.{f.name}" for f in dataclasses.fields(Sample))})
+
+
+def resumable_keys(cfg: Config) -> frozenset[str]:
+    """RESUMABLE_KEYS, less the sample.* keys when FID during training (eval.every_epochs) samples with them."""
+    if not cfg.eval.every_epochs:
+        return RESUMABLE_KEYS
+    return RESUMABLE_KEYS - {f"sample.{f.name}" for f in dataclasses.fields(Sample)}
 
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -230,6 +246,9 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"sample.steps: {s.steps} is more than diffusion.num_timesteps {d.num_timesteps}")
     if s.sampler == "ddpm" and s.eta != 0:
         raise ConfigError(f"sample.eta: {s.eta} applies to sample.sampler ddim only (ancestral sampling has no eta)")
+    if cfg.eval.features == "fashion-mnist" and cfg.data.dataset != "fashion-mnist":
+        raise ConfigError(f"eval.features: fashion-mnist scores Fashion-MNIST samples, not {cfg.data.dataset} "
+                          "(use auto or inception)")
     try:
         check_unet_args(cfg.model.channels, cfg.model.channel_mult, cfg.model.attn_resolutions, image_size=32)
     except ValueError as e:

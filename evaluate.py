@@ -13,6 +13,7 @@ torch-fidelity's port of the TF FID Inception (requirements-eval.txt), never dow
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import re
@@ -403,6 +404,28 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
               else f"NOT comparable with {paper}: {', '.join(reasons)}"}
     write_json(checkpoint_path.parent / "eval.json", result)
     return result
+
+
+def training_scorer(cfg, device: torch.device, *, stats_cache: str | Path = "data/fid_stats",
+                    progress: bool = True) -> Callable[[torch.nn.Module, int], dict]:
+    """For train.py's `eval.every_epochs`: a function (EMA model, seed) -> {"fid", and "class_coverage" or
+    "is_mean"} that scores `eval.num_samples` samples of the sample.* sampler. `eval.features` auto is the
+    Fashion-MNIST classifier (against the test set) for Fashion-MNIST and the FID Inception (against the training
+    set) for CIFAR-10. Everything it needs is built now: a missing piece is an EvalError before training starts."""
+    features = cfg.eval.features if cfg.eval.features != "auto" else \
+        ("fashion-mnist" if cfg.data.dataset == "fashion-mnist" else "inception")
+    classes = features == "fashion-mnist"
+    extractor = _fashion_mnist_extractor(stats_cache, progress) if classes else inception_extractor(device)
+    ref = Path("data") / cfg.data.dataset / ("test.npy" if classes else "train.npy")
+    ref_stats = reference_stats(ref, extractor, cache_dir=stats_cache, progress=progress)
+    schedule, s = sample.schedule_from_config({"diffusion": dataclasses.asdict(cfg.diffusion)}), cfg.sample
+
+    def score(model: torch.nn.Module, seed: int) -> dict:
+        images = sample.generate(model, schedule, cfg.eval.num_samples, steps=s.steps, variance=s.variance,
+                                 clip=s.clip, sampler=s.sampler, eta=s.eta, spacing=s.spacing, seed=seed,
+                                 device=device)
+        return image_scores(images, ref_stats, extractor, classes=classes)
+    return score
 
 
 def _fashion_mnist_extractor(stats_cache: str | Path, progress: bool):

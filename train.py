@@ -29,12 +29,13 @@ import data
 import ddpm
 from checkpoint import (CheckpointError, atomic_write, image_grid, load_checkpoint, remove_stale_temps,
                         save_checkpoint, save_grid, write_json)
-from config import RESUMABLE_KEYS, Config, ConfigError, cli, fail, flatten, to_dict
+from config import Config, ConfigError, cli, fail, flatten, from_dict, resumable_keys, to_dict
 from sample import generate, resolve_precision, schedule_from_config
 from sample import resolve_device as resolve_device_spec
 from unet import UNet
 
-HISTORY_FIELDS = ["epoch", "step", "loss", "ema_loss", "lr", "images_per_sec", "wall_time_s"]
+HISTORY_FIELDS = ["epoch", "step", "loss", "ema_loss", "lr", "images_per_sec", "wall_time_s", "fid", "class_coverage",
+                  "fid_time_s"]  # the last three only in epochs with eval.every_epochs
 
 
 class TrainError(Exception):
@@ -122,9 +123,15 @@ def setup_dist(cfg: Config) -> Dist:
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
-    """Result-affecting keys whose values differ between a checkpoint's config and this run's."""
+    """Result-affecting keys whose values differ between a checkpoint's config and this run's. A key that the
+    checkpoint's config lacks (it was written before the key existed) counts as its default."""
+    try:
+        saved = to_dict(from_dict(saved))
+    except ConfigError:
+        pass  # compared as it is: every key that differs is named
     a, b = flatten(saved), flatten(current)
-    return sorted(k for k in a.keys() | b.keys() if k not in RESUMABLE_KEYS and a.get(k) != b.get(k))
+    keep = resumable_keys(from_dict(current))
+    return sorted(k for k in a.keys() | b.keys() if k not in keep and a.get(k) != b.get(k))
 
 
 def check_writable(out: Path) -> None:
@@ -227,6 +234,13 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
         model = UNet(**model_args).to(device)
     except (RuntimeError, MemoryError) as e:  # e.g. model.channels=2**40: more weights than memory (or int64) holds
         raise ConfigError(f"model: cannot build this UNet on {device} ({' '.join(str(e).split())[:160]})") from None
+    scorer = None  # FID during training; its feature network and reference statistics are cached in data/fid_stats
+    if cfg.eval.every_epochs and dist.main:
+        from evaluate import EvalError, training_scorer
+        try:
+            scorer = training_scorer(cfg, device, progress=progress)
+        except EvalError as e:
+            raise ConfigError(f"eval.every_epochs: {e}; or set eval.every_epochs=0") from None
 
     # Everything is checked: from here on the run creates things.
     if dist.main:
@@ -376,7 +390,8 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
             bar.close()
             check_finite()  # before a NaN reaches history.csv, metrics.json or a sample grid
             end_epoch(cfg, epoch, step, sums, history, ema, schedule, held, held_t, held_noise, device, run, out,
-                      wall + time.perf_counter() - t_start, reduce, dist, lr_at(step - 1, tc.lr, tc.warmup_steps))
+                      wall + time.perf_counter() - t_start, reduce, dist, lr_at(step - 1, tc.lr, tc.warmup_steps),
+                      scorer)
             sums["epoch"].zero_()
             save()
     except SystemExit as e:
@@ -401,8 +416,9 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
 
 
 def end_epoch(cfg, epoch, step, sums, history, ema, schedule, held, held_t, held_noise, device, run, out, wall,
-              reduce, dist, lr) -> None:
-    """Per-epoch metrics, the EMA loss on the held-out batch, the sample grid, history.csv, metrics.json."""
+              reduce, dist, lr, scorer=None) -> None:
+    """Per-epoch metrics, the EMA loss on the held-out batch, the sample grid, the FID (`scorer`, every
+    eval.every_epochs and at the last epoch), history.csv, metrics.json."""
     steps_in_epoch = step - (history[-1]["step"] if history else 0)
     with torch.no_grad():
         ema_loss = float(ddpm.loss(schedule, ema, held, t=held_t, noise=held_noise))
@@ -422,6 +438,14 @@ def end_epoch(cfg, epoch, step, sums, history, ema, schedule, held, held_t, held
         save_grid(images, out / "samples" / f"epoch_{epoch + 1:03d}.png")
         if run is not None:
             logs["samples"] = wandb_image(images)
+    every = cfg.eval.every_epochs
+    if scorer is not None and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):
+        t0 = time.perf_counter()
+        scores = scorer(ema, derive_seed(cfg.seed, 5))  # the same noise every time: FID moves with the model only
+        row.update(fid=round(scores["fid"], 4), fid_time_s=round(time.perf_counter() - t0, 1))
+        if "class_coverage" in scores:
+            row["class_coverage"] = round(scores["class_coverage"], 4)
+        logs.update({f"eval/{k}": row[k] for k in ("fid", "class_coverage") if k in row})
     if run is not None:
         run.log(logs, step=step)
     buf = io.StringIO()
@@ -429,8 +453,11 @@ def end_epoch(cfg, epoch, step, sums, history, ema, schedule, held, held_t, held
     writer.writeheader()
     writer.writerows(history)
     atomic_write(out / "history.csv", buf.getvalue().encode())
+    measured = [r for r in history if r.get("fid") is not None]
     write_json(out / "metrics.json", {"loss": row["loss"], "ema_loss": ema_loss, "step": step, "epoch": epoch + 1,
-                                      "images_per_sec": row["images_per_sec"], "wall_time_s": row["wall_time_s"]})
+                                      "images_per_sec": row["images_per_sec"], "wall_time_s": row["wall_time_s"],
+                                      **({"fid": measured[-1]["fid"], "fid_epoch": measured[-1]["epoch"]}
+                                         if measured else {})})
 
 
 def _bar(total: int, initial: int, desc: str, enabled: bool):
