@@ -146,8 +146,9 @@ class Stop:
         if self.signum:
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
-              f"(again to quit at once)", file=sys.stderr)
+        from tqdm import tqdm  # its write() clears the progress bar first, so the message is not left next to it
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint (again to quit at "
+                   f"once)", file=sys.stderr)
 
     def restore(self) -> None:
         for s, h in self._old.items():
