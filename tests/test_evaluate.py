@@ -204,8 +204,8 @@ def test_grayscale_is_repeated_to_rgb() -> None:
     assert np.allclose(pool, pool3) and np.allclose(logits, logits3)
 
 
-UNET_ARGS = dict(in_channels=3, channels=32, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[],
-                 dropout=0.0, image_size=32)
+UNET_ARGS = {**{key.split(".")[1]: value for key, value in TINY_MODEL.items()}, "in_channels": 3, "dropout": 0.0,
+             "image_size": 32}  # the tiny end-to-end model, as a checkpoint's model_args
 
 
 def make_checkpoint(path: Path, *, seed: int = 0, step: int = 100, num_timesteps: int = 20) -> Path:
