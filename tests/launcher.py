@@ -51,7 +51,7 @@ def trigger(real):
             if state["calls"] == spec["call"]:
                 if spec["action"] == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
-                for i in range(spec.get("times", 1)):
+                for _ in range(spec.get("times", 1)):
                     os.kill(os.getpid(), spec["signal"])
                     time.sleep(0.2)  # the handler runs during the sleep (a second signal must not merge with it)
         return real(*args, **kwargs)
