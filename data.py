@@ -6,7 +6,9 @@ Fashion-MNIST from its IDX files, zero-padded to 32x32. `BatchIterator` serves r
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -115,6 +117,20 @@ class _Unpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}") from None
 
 
+@contextlib.contextmanager
+def _bar(**kwargs) -> Iterator[tqdm]:
+    """A tqdm bar that stays on screen when it completes but is erased when an error ends it, so the error line
+    that follows is the only line left."""
+    bar = tqdm(**kwargs)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
+
+
 def _read_batch(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch -> uint8 images (n, 3, 32, 32) and labels (n,). Each row of b'data' is R, G, B planes,
     each 32x32 row-major; b'labels' is a list of class indices 0-9."""
@@ -138,7 +154,7 @@ def _read_cifar(archive: Path, progress: bool) -> dict[str, np.ndarray]:
     wanted = {m for members in CIFAR_MEMBERS.values() for m in members}
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
-        with tarfile.open(archive, "r:gz") as tar, tqdm(total=len(wanted), desc=f"reading {archive.name}",
+        with tarfile.open(archive, "r:gz") as tar, _bar(total=len(wanted), desc=f"reading {archive.name}",
                                                         unit="batch", disable=not progress) as bar:
             for member in tar:  # one pass over the stream
                 name = PurePosixPath(member.name)
@@ -211,14 +227,16 @@ def _read_fmnist(files: dict[str, Path], progress: bool) -> dict[str, np.ndarray
     """-> {"train": (60000, 1, 32, 32), "test": (10000, 1, 32, 32)} uint8: 28x28 images, 2 zero pixels each side;
     and {"train_labels", "test_labels"}: uint8 class indices 0-9."""
     out = {}
-    for split, (images, labels) in tqdm(FMNIST_FILES.items(), desc="reading fashion-mnist", disable=not progress):
-        x = _read_idx(files[images], 2051)
-        y = _read_idx(files[labels], 2049)
-        if x.shape[1:] != (28, 28) or len(y) != len(x) or (len(y) and y.max() > 9):
-            raise DataError(f"{files[images]}: expected 28x28 images, one label in 0-9 per image; got {x.shape}, "
-                            f"{len(y)} labels")
-        out[split] = np.pad(x[:, None], ((0, 0), (0, 0), (2, 2), (2, 2)))
-        out[f"{split}_labels"] = y
+    with _bar(total=len(FMNIST_FILES), desc="reading fashion-mnist", unit="split", disable=not progress) as bar:
+        for split, (images, labels) in FMNIST_FILES.items():
+            x = _read_idx(files[images], 2051)
+            y = _read_idx(files[labels], 2049)
+            if x.shape[1:] != (28, 28) or len(y) != len(x) or (len(y) and y.max() > 9):
+                raise DataError(f"{files[images]}: expected 28x28 images, one label in 0-9 per image; got {x.shape}, "
+                                f"{len(y)} labels")
+            out[split] = np.pad(x[:, None], ((0, 0), (0, 0), (2, 2), (2, 2)))
+            out[f"{split}_labels"] = y
+            bar.update()
     return out
 
 
@@ -311,6 +329,16 @@ def ensure_prepared(cfg: config.Data, out_root: str | Path = "data") -> Path:
     """The dataset folder, prepared first unless its meta.json (written last) is already there."""
     path = Path(out_root) / cfg.dataset
     return path if (path / "meta.json").is_file() else prepare(cfg, out_root)
+
+
+def dataset_id(folder: str | Path) -> str:
+    """A prepared dataset's identity: the sha256 of its meta.json, which names the source files by checksum and
+    records the shapes and pixel statistics. A checkpoint records it, so that a resume on other data is refused."""
+    path = Path(folder) / "meta.json"
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def load_dataset(path: str | Path, subset: int | None = None) -> Tensor:

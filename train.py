@@ -153,8 +153,9 @@ class Stop:
         if self.signum:
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
-              f"(again to quit at once)", file=sys.stderr)
+        from tqdm import tqdm  # its write() clears the progress bar first, so the message is not left next to it
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint (again to quit at "
+                   f"once)", file=sys.stderr)
 
     def restore(self) -> None:
         for s, h in self._old.items():
@@ -209,6 +210,7 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
         torch_dist.barrier()
     data_dir = Path("data") / cfg.data.dataset
     images = data.load_dataset(data_dir, cfg.data.subset)
+    data_id = data.dataset_id(data_dir)
     if len(images) < tc.batch_size:
         raise ConfigError(f"data.subset: {len(images)} images are fewer than train.batch_size {tc.batch_size}")
     if 0 < len(images) % tc.batch_size < dist.world:
@@ -224,6 +226,9 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
         if state["device_type"] != device.type:
             raise ConfigError(f"device: {ckpt_path} was written on {state['device_type']}, this run is on "
                               f"{device.type}; random streams differ, so resume on {state['device_type']} or --fresh")
+        if state.get("data_id") not in (None, data_id):  # None: a checkpoint from before it was recorded
+            raise ConfigError(f"data: {ckpt_path} was trained on another dataset ({data_dir / 'meta.json'} is not "
+                              f"the one it recorded): pass --fresh to start over, or use another out_dir")
 
     torch.manual_seed(derive_seed(cfg.seed, 0))
     model_args = dict(in_channels=images.shape[1], channels=cfg.model.channels,
@@ -240,7 +245,7 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
         try:
             scorer = training_scorer(cfg, device, progress=progress)
         except EvalError as e:
-            raise ConfigError(f"eval.every_epochs: {e}; or set eval.every_epochs=0") from None
+            raise ConfigError(f"eval.every_epochs (set 0 to train without it): {e}") from None
 
     # Everything is checked: from here on the run creates things.
     if dist.main:
@@ -332,7 +337,8 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
                 "rng": {"torch": torch.get_rng_state(), "noise": gen.get_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0)},
                 "sums": {"epoch": sums["epoch"].cpu(), "log": sums["log"].cpu(), "log_n": sums["log_n"]},
-                "config": to_dict(cfg), "model_args": model_args, "device_type": device.type, "history": history,
+                "config": to_dict(cfg), "model_args": model_args, "device_type": device.type, "data_id": data_id,
+                "history": history,
                 "wall_time_s": wall + time.perf_counter() - t_start, "wandb_id": run.id if run else None})
         except OSError as e:
             raise TrainError(f"could not write {ckpt_path} ({e.strerror or e}){kept()}") from None

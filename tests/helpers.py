@@ -1,27 +1,40 @@
-"""Shared by test_train.py and test_config.py: tiny settings, tiny datasets on disk, running the CLIs, and reading
-back what a run wrote (PNG grids, the offline wandb run's transaction log)."""
+"""What several test modules share, defined once: tiny settings, tiny datasets and archives on disk, running the CLIs
+and reading what they print, comparing two runs, reading back what a run wrote (PNG grids, the offline wandb run's
+transaction log), keeping wandb away from the home folder, a malicious pickle, and `require` for optional packages.
+No test module imports another test module. tests/launcher.py is the script that runs train.py with one function
+wrapped (a kill, a signal or a hang at a chosen call) and counts the training steps a run executes."""
 from __future__ import annotations
 
 import gzip
+import hashlib
+import importlib
+import io
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+import yaml
 
 import config
 
 ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
 
-# A ~0.65M-parameter UNet on 32x32 images with 100 timesteps: a step of 8 images takes ~0.1 s on one CPU thread.
+# The tiny UNet every end-to-end test trains: ~0.65M parameters; a step of 8 32x32 images takes ~0.1 s on one thread.
+TINY_MODEL = {"model.channels": 32, "model.channel_mult": [1, 2], "model.num_res_blocks": 1,
+              "model.attn_resolutions": []}
+# A whole tiny run: 12 images in batches of 8 (two steps an epoch, the second one partial), 100 timesteps.
 TINY = {
     "device": "cpu", "out_dir": "runs/tiny",
-    "data.dataset": "cifar10", "data.subset": 12,
-    "model.channels": 32, "model.channel_mult": [1, 2], "model.num_res_blocks": 1, "model.attn_resolutions": [],
+    "data.dataset": "cifar10", "data.subset": 12, **TINY_MODEL,
     "diffusion.num_timesteps": 100,
     "train.epochs": 1, "train.batch_size": 8, "train.lr": 1e-3, "train.warmup_steps": 0,
     "sample.every_epochs": 0, "sample.num_images": 4, "sample.steps": 5,
@@ -29,10 +42,24 @@ TINY = {
 }
 
 
+# ---------------------------------------------------------------- settings
+
 def overrides(settings: dict) -> list[str]:
     """{'train.lr': 1e-3, 'model.attn_resolutions': []} -> ['train.lr=0.001', 'model.attn_resolutions=[]']
     (JSON is YAML, so every value reads back as itself)."""
     return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+
+
+def nest(settings: dict) -> dict:
+    """{'train.lr': 1e-3} -> {'train': {'lr': 1e-3}}: dotted keys as config.yaml's sections."""
+    out: dict = {}
+    for key, value in settings.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
 
 
 def tiny_config(**changes) -> config.Config:
@@ -40,11 +67,22 @@ def tiny_config(**changes) -> config.Config:
     return config.load_config(None, overrides({**TINY, **changes}))
 
 
+def write_config(cfg: config.Config | dict, path: str | Path = "c.yaml") -> str:
+    """A config file holding `cfg` (a Config, or a nested dict of some sections); returns its path."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config.to_dict(cfg) if isinstance(cfg, config.Config) else cfg, sort_keys=False))
+    return str(path)
+
+
+# ---------------------------------------------------------------- datasets and archives
+
 def write_synthetic_cifar(folder: Path, n_train: int, n_test: int, seed: int = 0) -> None:
     """A CIFAR-10-format dataset folder (uint8 (N, 3, 32, 32) train.npy/test.npy, meta.json) of smooth random
-    colour waves: structured enough for a denoiser to learn something in a few steps."""
+    colour waves: structured enough for a denoiser to learn something in a few steps. The seed is in meta.json,
+    as a prepared dataset's source checksums are: other images, other meta.json."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:32, 0:32] / 32.0
+
     def images(n: int) -> np.ndarray:
         f = rng.uniform(0.5, 3.0, (n, 3, 2, 1, 1))
         phase = rng.uniform(0, 2 * np.pi, (n, 3, 1, 1))
@@ -54,9 +92,48 @@ def write_synthetic_cifar(folder: Path, n_train: int, n_test: int, seed: int = 0
     train, test = images(n_train), images(n_test)
     np.save(folder / "train.npy", train)
     np.save(folder / "test.npy", test)
-    meta = {"dataset": "cifar10", "layout": "uint8 NCHW", "source": "synthetic (tests/helpers.py)",
+    meta = {"dataset": "cifar10", "layout": "uint8 NCHW", "source": f"synthetic (tests/helpers.py, seed {seed})",
             "train_shape": list(train.shape), "test_shape": list(test.shape)}
     (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def link_datasets(cwd: Path, datasets: dict[str, Path]) -> None:
+    """Make `cwd/data/<name>` point at each prepared dataset folder (train.py reads data/ in its cwd)."""
+    (cwd / "data").mkdir(exist_ok=True)
+    for name, folder in datasets.items():
+        (cwd / "data" / name).symlink_to(folder, target_is_directory=True)
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def make_cifar_archive(path: Path, *, seed: int = 0, n: int = 6, omit: str = "",
+                       extra: tuple[tuple[str, bytes], ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """A CIFAR-10-format tar.gz of random images, n per train batch; returns the (N, 3072) train and test rows."""
+    rng = np.random.default_rng(seed)
+    rows = {f"data_batch_{i}": rng.integers(0, 256, (n, 3072), dtype=np.uint8) for i in range(1, 6)}
+    rows["test_batch"] = rng.integers(0, 256, (n + 4, 3072), dtype=np.uint8)
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name: str, blob: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+        add("cifar-10-batches-py/batches.meta",
+            pickle.dumps({b"label_names": [b"airplane", b"automobile"], b"num_cases_per_batch": n}, protocol=3))
+        for name, x in rows.items():
+            if name == omit:
+                continue
+            blob = pickle.dumps({b"batch_label": name.encode(), b"labels": rng.integers(0, 10, len(x)).tolist(),
+                                 b"data": x, b"filenames": [b"img%d.png" % i for i in range(len(x))]}, protocol=3)
+            if name == "data_batch_1":  # the real archive's pickles were written by numpy < 2, with this name
+                assert b"cnumpy._core.multiarray\n" in blob
+                blob = blob.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+            add(f"cifar-10-batches-py/{name}", blob)
+        for name, blob in extra:
+            add(name, blob)
+    return np.concatenate([rows[f"data_batch_{i}"] for i in range(1, 6)]), rows["test_batch"]
 
 
 def write_small_idx(src: Path, dst: Path, counts: dict[str, int]) -> None:
@@ -73,35 +150,153 @@ def write_small_idx(src: Path, dst: Path, counts: dict[str, int]) -> None:
                                  + raw[4 + 4 * ndim:4 + 4 * ndim + n * record])
 
 
-def link_datasets(cwd: Path, datasets: dict[str, Path]) -> None:
-    """Make `cwd/data/<name>` point at each prepared dataset folder (train.py reads data/ in its cwd)."""
-    (cwd / "data").mkdir(exist_ok=True)
-    for name, folder in datasets.items():
-        (cwd / "data" / name).symlink_to(folder, target_is_directory=True)
+class RunsCode:
+    """Unpickling this calls open(marker, "w"): a stand-in for any code a crafted file could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
 
 
-def run_cli(script: str, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python ROOT/script args` in `cwd` (the script's folder is first on sys.path, as for a user). One CPU thread,
-    as in-process (conftest.py): next to a busy test process, OpenMP threads spinning on 2 cores slow a tiny
-    model's sampling down ~30x."""
-    env = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+# ---------------------------------------------------------------- processes and what they print
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child python: one OpenMP thread (as in-process, conftest.py: next to a busy test
+    process, threads spinning on 2 cores slow a tiny model down ~30x), wandb quiet, the project importable,
+    and no torchrun variables inherited."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT), **extra}
+
+
+def run_python(argv: list[str], *, cwd: Path, timeout: float = 180, env: dict | None = None) \
+        -> subprocess.CompletedProcess:
+    """`python argv` in `cwd`. Output is decoded here rather than in text mode, which would turn the carriage
+    returns of a progress bar into line breaks and hide what a terminal really shows."""
+    p = subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, timeout=timeout, env=env or child_env())
+    return subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode(errors="replace"),
+                                       p.stderr.decode(errors="replace"))
+
+
+def run_cli(script: str, *args: str, cwd: Path, timeout: float = 180, env: dict | None = None) \
+        -> subprocess.CompletedProcess:
+    """`python ROOT/script args` in `cwd`, as a user runs it."""
+    return run_python([str(ROOT / script), *args], cwd=cwd, timeout=timeout, env=env)
+
+
+def launch(spec: dict, args: list[str], *, cwd: Path, procs: int = 1, timeout: float = 300,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """train.py's main(args) through tests/launcher.py with `spec` (see there), in `procs` processes (torchrun)."""
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+    return run_python([*runner, str(LAUNCHER), json.dumps(spec), *args], cwd=cwd, timeout=timeout, env=env)
+
+
+def launched_steps(cwd: Path, rank: int = 0) -> int:
+    """The training steps (train.train_step calls) that the launcher's last run in `cwd` executed, by rank; the
+    file is removed, so the next run reports afresh."""
+    path = cwd / f"launcher.steps.{rank}"
+    steps = int(path.read_text())
+    path.unlink()
+    return steps
+
+
+def visible_lines(stderr: str) -> list[str]:
+    """The non-blank lines a terminal ends up showing: a progress bar redraws its line after carriage returns and
+    clears it when it closes, so only the text after a line's last carriage return stays visible."""
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in stderr.split("\n")]
+    return [line for line in lines if line]
 
 
 def one_error_line(stderr: str) -> str:
-    """The single line a CLI leaves on the terminal for a bad input; fails on tracebacks, warnings or extra lines.
-    A progress bar redraws its line with carriage returns and clears it when it closes: only the text after a
-    line's last carriage return stays visible."""
-    lines = [line.rsplit("\r", 1)[-1].strip() for line in stderr.split("\n")]
-    lines = [line for line in lines if line]
+    """The single line a CLI leaves on the terminal for a bad input; fails on tracebacks, warnings, a leftover
+    progress bar or any other extra line."""
+    lines = visible_lines(stderr)
     assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
     assert lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
     return lines[0]
 
 
+# ---------------------------------------------------------------- what a run wrote
+
 def files_under(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file's bytes (None for a folder) under `folder`, by relative path."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def temps(out: Path) -> list[Path]:
+    """Temporary files an interrupted atomic write left in a run folder."""
+    return [*out.glob(".*.tmp"), *out.glob("samples/.*.tmp")]
+
+
+def flat_weights(state_dict: dict) -> torch.Tensor:
+    return torch.cat([v.detach().flatten().double() for v in state_dict.values()])
+
+
+def initial_weights(state: dict, seed: int) -> torch.Tensor:
+    """The weights train.py starts from (flat, float64): the UNet of the checkpoint's model_args, built right after
+    seeding random stream 0 of `seed`."""
+    import train
+    from unet import UNet
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global generator alone
+        torch.manual_seed(train.derive_seed(seed, 0))
+        return flat_weights(UNet(**state["model_args"]).state_dict())
+
+
+def assert_equal_nested(a, b, where: str = "") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_equal_nested(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_nested(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+TIMINGS = ("images_per_sec", "wall_time_s")
+
+
+def untimed(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMINGS}
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    """Two checkpoints hold bitwise the same training state (everything but wall-clock times)."""
+    for key in ("model", "ema", "optimizer", "scaler", "step", "epoch", "data", "rng", "sums", "config"):
+        assert_equal_nested(a[key], b[key], key)
+    assert [untimed(r) for r in a["history"]] == [untimed(r) for r in b["history"]]
+
+
+def assert_same_run(out: Path, ref: Path) -> None:
+    """The run folder `out` holds what `ref` holds, bitwise except the timings: the checkpoint's training state,
+    history.csv, metrics.json and the sample grids; and no temporary files."""
+    from checkpoint import load_checkpoint
+    assert_same_training(load_checkpoint(out / "checkpoint.pt"), load_checkpoint(ref / "checkpoint.pt"))
+    for name in ("history.csv", "metrics.json"):
+        assert read_rows(out / name) == read_rows(ref / name), name
+    grids = sorted(p.name for p in (ref / "samples").iterdir())
+    assert grids == sorted(p.name for p in (out / "samples").iterdir())
+    for name in grids:
+        assert (out / "samples" / name).read_bytes() == (ref / "samples" / name).read_bytes(), name
+    assert not temps(out)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """history.csv's rows or metrics.json's one row, without the timings."""
+    import csv
+    if path.suffix == ".json":
+        return [untimed(json.loads(path.read_text()))]
+    return [untimed(r) for r in csv.DictReader(path.read_text().splitlines())]
 
 
 def decode_png(path: Path) -> torch.Tensor:
@@ -117,6 +312,16 @@ def grid_side(n_images: int, size: int = 32, padding: int = 2) -> tuple[int, int
     cols = min(max(1, int(n_images ** 0.5)), n_images)
     rows = -(-n_images // cols)
     return rows * (size + padding) + padding, cols * (size + padding) + padding
+
+
+# ---------------------------------------------------------------- wandb
+
+WANDB_FOLDERS = ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR")
+
+
+def wandb_env(home: Path) -> dict[str, str]:
+    """Environment variables that keep wandb's settings, caches and artifacts under `home`, not the user's ~."""
+    return {var: str(home / var.lower()) for var in WANDB_FOLDERS}
 
 
 def read_wandb_log(path: Path) -> list:
@@ -143,3 +348,18 @@ def read_wandb_log(path: Path) -> list:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+# ---------------------------------------------------------------- optional packages
+
+def require(module: str):
+    """Import an optional package that a test needs. Without it the test skips, except under CI (env CI set),
+    where a missing package is a failure: CI installs requirements-eval.txt and requirements-bench.txt, and a
+    test that silently skipped there would pass having checked nothing."""
+    if os.environ.get("CI"):
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            pytest.fail(f"CI is set and {module} cannot be imported ({e}); "
+                        f"pip install -r requirements-eval.txt -r requirements-bench.txt")
+    return pytest.importorskip(module)

@@ -3,16 +3,11 @@ a real run; the stage is checked, atomic and idempotent; the batch iterator cove
 about half the images horizontally, and resumes exactly from a saved state."""
 import functools
 import gzip
-import hashlib
 import http.server
-import io
 import os
 import pickle
 import shutil
 import struct
-import subprocess
-import sys
-import tarfile
 import threading
 from pathlib import Path
 
@@ -25,43 +20,10 @@ import config
 import data
 from data import BatchIterator, DataError
 from ddpm import to_uint8
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import RunsCode, make_cifar_archive, md5_of, one_error_line, run_cli, write_config
 
 
 # ---------------------------------------------------------------- helpers
-
-def md5_of(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def make_cifar_archive(path: Path, *, seed: int = 0, n: int = 6, omit: str = "",
-                       extra: tuple[tuple[str, bytes], ...] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """A CIFAR-10-format tar.gz of random images, n per train batch; returns the (N, 3072) train and test rows."""
-    rng = np.random.default_rng(seed)
-    rows = {f"data_batch_{i}": rng.integers(0, 256, (n, 3072), dtype=np.uint8) for i in range(1, 6)}
-    rows["test_batch"] = rng.integers(0, 256, (n + 4, 3072), dtype=np.uint8)
-    with tarfile.open(path, "w:gz") as tar:
-        def add(name: str, blob: bytes) -> None:
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-
-        add("cifar-10-batches-py/batches.meta",
-            pickle.dumps({b"label_names": [b"airplane", b"automobile"], b"num_cases_per_batch": n}, protocol=3))
-        for name, x in rows.items():
-            if name == omit:
-                continue
-            blob = pickle.dumps({b"batch_label": name.encode(), b"labels": rng.integers(0, 10, len(x)).tolist(),
-                                 b"data": x, b"filenames": [b"img%d.png" % i for i in range(len(x))]}, protocol=3)
-            if name == "data_batch_1":  # the real archive's pickles were written by numpy < 2, with this name
-                assert b"cnumpy._core.multiarray\n" in blob
-                blob = blob.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
-            add(f"cifar-10-batches-py/{name}", blob)
-        for name, blob in extra:
-            add(name, blob)
-    return np.concatenate([rows[f"data_batch_{i}"] for i in range(1, 6)]), rows["test_batch"]
-
 
 def planes(rows: np.ndarray) -> np.ndarray:
     """(N, 3072) -> (N, 3, 32, 32), spelled out: 1024 red values, then green, then blue, each 32 rows of 32."""
@@ -79,22 +41,14 @@ def cifar_cfg(source: str, md5: str | None, tmp_path: Path) -> config.Data:
     return config.Data(source=source, md5=md5, root=str(tmp_path / "raw"))
 
 
-def write_config(tmp_path: Path, **data_section) -> Path:
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"data": data_section}))
-    return path
-
-
-def failing_main(tmp_path: Path, monkeypatch, capsys, *overrides: str, cfg: Path | None = None) -> str:
-    """Run `python data.py` in-process from tmp_path; assert exit 2 ending in one `error:` line (after any
-    progress bar), no traceback; return that line."""
+def failing_main(tmp_path: Path, monkeypatch, capsys, *overrides: str, cfg: str | None = None) -> str:
+    """Run `python data.py` in-process from tmp_path, with its progress bars on; assert exit 2 and one `error:`
+    line left on the terminal (no traceback, no progress bar); return that line."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
-        data.main(["--config", str(cfg or os.devnull), *overrides])
-    err = capsys.readouterr().err
-    line = err.splitlines()[-1]
-    assert exit_.value.code == 2 and line.startswith("error: ") and "Traceback" not in err, err
-    return line
+        data.main(["--config", cfg or os.devnull, *overrides])
+    assert exit_.value.code == 2
+    return one_error_line(capsys.readouterr().err)
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -171,12 +125,11 @@ def test_interrupted_run_keeps_the_old_dataset(cifar, tmp_path: Path, monkeypatc
 def test_wrong_md5_exits_2_and_writes_nothing(cifar, tmp_path: Path) -> None:
     """The real CLI, as a subprocess: exit status 2, one line naming the file and both md5s, no traceback."""
     archive, md5, _, _ = cifar
-    cfg = write_config(tmp_path, source=str(archive), md5="0" * 32)
-    run = subprocess.run([sys.executable, str(ROOT / "data.py"), "--config", str(cfg)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    cfg = write_config({"data": {"source": str(archive), "md5": "0" * 32}}, tmp_path / "c.yaml")
+    run = run_cli("data.py", "--config", str(cfg), cwd=tmp_path)
     assert run.returncode == 2, run.stderr
-    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
-    assert str(archive) in run.stderr and "0" * 32 in run.stderr and md5 in run.stderr
+    line = one_error_line(run.stderr)
+    assert str(archive) in line and "0" * 32 in line and md5 in line
     assert not (tmp_path / "data").exists()
 
 
@@ -186,7 +139,8 @@ def test_corrupt_archive_exits_2_and_writes_nothing(cifar, tmp_path: Path, monke
     archive, _, _, _ = cifar
     bad = tmp_path / "bad.tar.gz"
     bad.write_bytes(damage(archive.read_bytes()))
-    cfg = write_config(tmp_path, md5=md5_of(bad))  # (`data.md5=...` is no valid override: config.py's key regex)
+    # (`data.md5=...` is no valid override: config.py's key regex)
+    cfg = write_config({"data": {"md5": md5_of(bad)}}, tmp_path / "c.yaml")
     err = failing_main(tmp_path, monkeypatch, capsys, f"data.source={bad}", cfg=cfg)
     assert "truncated or corrupt archive" in err and str(bad) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar.gz", "c.yaml", "cifar-10-python.tar.gz"]
@@ -256,17 +210,9 @@ def test_archive_with_unsafe_member_is_rejected(tmp_path: Path, name: str) -> No
     assert not (tmp_path / "data").exists()
 
 
-class _RunsCode:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):  # unpickling this calls open(marker, "w"): a stand-in for any code execution
-        return open, (str(self.marker), "w")
-
-
 def test_pickles_cannot_run_code(tmp_path: Path) -> None:
     marker, archive = tmp_path / "pwned", tmp_path / "a.tar.gz"
-    make_cifar_archive(archive, extra=(("cifar-10-batches-py/data_batch_1", pickle.dumps(_RunsCode(marker))),))
+    make_cifar_archive(archive, extra=(("cifar-10-batches-py/data_batch_1", pickle.dumps(RunsCode(marker))),))
     with pytest.raises(DataError, match="refusing to unpickle"):
         data.prepare(cifar_cfg(str(archive), md5_of(archive), tmp_path), tmp_path / "data", progress=False)
     assert not marker.exists() and not (tmp_path / "data").exists()
@@ -370,6 +316,16 @@ def test_fashion_mnist_missing_files_says_how_to_get_them(tmp_path: Path, monkey
     err = failing_main(tmp_path, monkeypatch, capsys, "data.dataset=fashion-mnist", f"data.source={tmp_path / 'src'}")
     assert "t10k-labels-idx1-ubyte" in err and "apt-get install dataset-fashion-mnist" in err
     assert "data.source" in err and not (tmp_path / "data").exists()
+
+
+def test_fashion_mnist_truncated_idx_file_exits_2_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The progress bar that was reading the files is erased, not left above the error line."""
+    tiny_fmnist(tmp_path / "src", gz=False)
+    images = tmp_path / "src" / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-100])
+    err = failing_main(tmp_path, monkeypatch, capsys, "data.dataset=fashion-mnist", f"data.source={tmp_path / 'src'}")
+    assert f"{images}: truncated or corrupt" in err
+    assert not (tmp_path / "data").exists()
 
 
 def test_fashion_mnist_bad_idx_header_is_rejected(tmp_path: Path) -> None:

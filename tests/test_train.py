@@ -18,6 +18,8 @@ import math
 import os
 import shutil
 import signal
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +36,11 @@ import data
 import ddpm
 import sample
 import train
-from helpers import (TINY, decode_png, grid_side, link_datasets, one_error_line, read_wandb_log, run_cli,
-                     tiny_config, write_small_idx, write_synthetic_cifar)
-from unet import UNet
+from helpers import (TINY, assert_equal_nested, assert_same_training, decode_png, flat_weights, grid_side,
+                     initial_weights, link_datasets, one_error_line, read_wandb_log, run_cli, snapshot, tiny_config,
+                     wandb_env, write_config, write_small_idx, write_synthetic_cifar)
 
-CKPT_KEYS = {"model", "ema", "optimizer", "step", "epoch", "config", "model_args"}
+CKPT_KEYS = {"model", "ema", "optimizer", "step", "epoch", "config", "model_args", "data_id"}
 METRICS_KEYS = {"loss", "ema_loss", "step", "epoch", "images_per_sec", "wall_time_s"}
 HISTORY_HEADER = "epoch,step,loss,ema_loss,lr,images_per_sec,wall_time_s"
 N_IMAGES = TINY["data.subset"]  # 12 images in batches of 8: two steps per epoch, the second one partial
@@ -47,13 +49,6 @@ REF = {"train.epochs": 3}  # the reference run that the determinism and resume t
 
 
 # ---------------------------------------------------------------- datasets and runs
-
-@pytest.fixture(scope="session")
-def cifar(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("datasets") / "cifar10"
-    write_synthetic_cifar(folder, n_train=64, n_test=16)
-    return folder
-
 
 @pytest.fixture(scope="session")
 def fmnist(tmp_path_factory) -> Path:
@@ -75,6 +70,21 @@ def workdir(tmp_path: Path, monkeypatch, cifar: Path) -> Path:
     return tmp_path
 
 
+@contextlib.contextmanager
+def wandb_unimportable():
+    """`import wandb` raises ImportError inside (sys.modules holds None for it), as if wandb were not installed."""
+    missing = object()
+    saved = sys.modules.get("wandb", missing)
+    sys.modules["wandb"] = None
+    try:
+        yield
+    finally:
+        if saved is missing:
+            del sys.modules["wandb"]
+        else:
+            sys.modules["wandb"] = saved
+
+
 @dataclass
 class Run:
     cfg: config.Config
@@ -92,7 +102,8 @@ class Run:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, cifar: Path):
-    """tiny_run(**changes) -> Run of TINY + changes, each run once per module in its own folder."""
+    """tiny_run(**changes) -> Run of TINY + changes, each run once per module in its own folder. With
+    wandb.mode disabled (TINY's) a run must never import wandb: here it cannot."""
     cache: dict[str, Run] = {}
 
     def run(**changes) -> Run:
@@ -101,10 +112,23 @@ def tiny_run(tmp_path_factory, cifar: Path):
         if key not in cache:
             folder = tmp_path_factory.mktemp("run")
             link_datasets(folder, {"cifar10": cifar})
-            with contextlib.chdir(folder):
+            with contextlib.chdir(folder), wandb_unimportable() if cfg.wandb.mode == "disabled" \
+                    else contextlib.nullcontext():
                 cache[key] = Run(cfg, train.train(cfg, progress=False), folder)
         return cache[key]
     return run
+
+
+@pytest.fixture
+def step_counter(monkeypatch) -> dict:
+    """Counts the training steps executed (train.train_step calls) from now on: {"n": count}."""
+    count, real = {"n": 0}, train.train_step
+
+    def counted(*args, **kwargs):
+        count["n"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", counted)
+    return count
 
 
 def copy_run(run: Run, cwd: Path) -> Path:
@@ -114,56 +138,11 @@ def copy_run(run: Run, cwd: Path) -> Path:
     return dst
 
 
-def flat_weights(state_dict: dict) -> torch.Tensor:
-    return torch.cat([v.detach().flatten().double() for v in state_dict.values()])
-
-
-def initial_weights(state: dict, seed: int) -> torch.Tensor:
-    """The weights train.py starts from: the UNet built right after seeding stream 0."""
-    with torch.random.fork_rng(devices=[]):  # leave the test process's global generator alone
-        torch.manual_seed(train.derive_seed(seed, 0))
-        return flat_weights(UNet(**state["model_args"]).state_dict())
-
-
-def assert_equal_nested(a, b, where: str = "") -> None:
-    """Bitwise equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
-        for k in a:
-            assert_equal_nested(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal_nested(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def assert_same_training(a: dict, b: dict) -> None:
-    """Two checkpoints hold bitwise the same training state (everything but wall-clock times)."""
-    for key in ("model", "ema", "optimizer", "scaler", "step", "epoch", "data", "rng", "sums", "config"):
-        assert_equal_nested(a[key], b[key], key)
-    timeless = [{k: v for k, v in row.items() if k not in ("images_per_sec", "wall_time_s")} for row in a["history"]]
-    assert timeless == [{k: v for k, v in row.items() if k not in ("images_per_sec", "wall_time_s")}
-                        for row in b["history"]]
-
-
 def read_history(out: Path) -> list[dict]:
     text = (out / "history.csv").read_text()
     assert text.splitlines()[0] == HISTORY_HEADER
     return [{k: (int(v) if k in ("epoch", "step") else float(v)) for k, v in row.items()}
             for row in csv.DictReader(text.splitlines())]
-
-
-def write_config(cfg: config.Config, path: Path = Path("c.yaml")) -> str:
-    path.write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
-    return str(path)
-
-
-def snapshot(folder: Path) -> dict[str, bytes | None]:
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in folder.rglob("*")}
 
 
 # ---------------------------------------------------------------- the loop's pure parts
@@ -234,7 +213,9 @@ def test_training(dataset: str, device: torch.device, workdir: Path, request) ->
     channels = {"fashion-mnist": 1, "cifar10": 3}[dataset]
     cfg = tiny_config(**{"device": device.type, "data.dataset": dataset, "data.subset": 16, "train.batch_size": 4,
                          "train.epochs": 4, "train.ema_decay": 0.9, "sample.every_epochs": 2, "train.compile": False})
+    t0 = time.perf_counter()
     metrics = train.train(cfg, progress=False)
+    elapsed = time.perf_counter() - t0
     out = Path(cfg.out_dir)
 
     # The loss falls: the last epoch's mean loss is well below the first's, for the model and for its EMA.
@@ -249,7 +230,9 @@ def test_training(dataset: str, device: torch.device, workdir: Path, request) ->
     saved = json.loads((out / "metrics.json").read_text())
     assert saved.keys() == METRICS_KEYS
     assert saved == {k: metrics[k] for k in METRICS_KEYS} == {k: history[-1][k] for k in METRICS_KEYS}
-    assert saved["step"] == 16 and saved["epoch"] == 4 and saved["images_per_sec"] > 0 and saved["wall_time_s"] > 0
+    assert saved["step"] == 16 and saved["epoch"] == 4
+    assert 0 < saved["wall_time_s"] <= elapsed  # the training time, within the call's own
+    assert saved["images_per_sec"] == pytest.approx(16 * 4 / saved["wall_time_s"], rel=1e-2)  # 16 steps of 4
 
     # checkpoint.pt: everything needed to resume and to rebuild the model alone.
     state = checkpoint.load_checkpoint(out / "checkpoint.pt")
@@ -257,6 +240,7 @@ def test_training(dataset: str, device: torch.device, workdir: Path, request) ->
     assert (state["step"], state["epoch"]) == (16, 4)
     assert state["config"] == config.to_dict(cfg)
     assert state["model_args"]["in_channels"] == channels and state["model_args"]["image_size"] == 32
+    assert state["data_id"] == hashlib.sha256((Path("data") / dataset / "meta.json").read_bytes()).hexdigest()
     assert state["history"] == history
     assert yaml.safe_load((out / "config.resolved.yaml").read_text()) == config.to_dict(cfg)
 
@@ -350,9 +334,62 @@ def check_epochs(a: Run, b: Run) -> None:
     ("train.epochs", 1, 3, check_epochs),
 ], ids=["optimizer", "lr", "random_flip", "epochs"])
 def test_hyperparameter_changes_the_outcome(tiny_run, key: str, a, b, check) -> None:
-    run_a, run_b = tiny_run(**{key: a}), tiny_run(**{key: b})
-    assert config.flatten(config.to_dict(run_a.cfg))[key] == a and config.flatten(config.to_dict(run_b.cfg))[key] == b
-    check(run_a, run_b)  # the expected difference in outcome, asserted per hyperparameter
+    check(tiny_run(**{key: a}), tiny_run(**{key: b}))  # the expected difference in outcome, per hyperparameter
+
+
+# ---------------------------------------------------------------- the recipe reaches the loop
+# Each test checks what a setting must do to the weights or the logs, against values computed here, not against
+# another run of train() (a deterministic bug is equal to itself).
+
+def moved(run: Run) -> float:
+    """How far the run's weights are from where training started."""
+    state = run.state
+    return float((flat_weights(state["model"]) - initial_weights(state, run.cfg.seed)).norm())
+
+
+def test_grad_clip_bounds_how_far_sgd_moves_the_weights(tiny_run) -> None:
+    """Plain SGD (no momentum, no weight decay, constant lr) moves the weights by lr x the clipped gradient, whose
+    norm is at most train.grad_clip: after n steps they are at most lr * grad_clip * n from where they started.
+    Without clipping the same run goes far beyond (measured: 0.24 against the bound 0.002; gradient norms ~1.2)."""
+    sgd = {"train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "train.epochs": 2}
+    clipped, free = tiny_run(**sgd, **{"train.grad_clip": 0.01}), tiny_run(**sgd, **{"train.grad_clip": None})
+    steps = 2 * STEPS_PER_EPOCH
+    bound = 0.05 * 0.01 * steps
+    assert clipped.metrics["step"] == free.metrics["step"] == steps
+    assert 0.5 * bound < moved(clipped) <= 1.01 * bound  # 1%: float32 rounding of the stored weights
+    assert moved(free) > 10 * bound
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_ema_is_the_decay_weighted_average_of_the_model_after_every_step(decay: float, workdir: Path,
+                                                                         monkeypatch) -> None:
+    """After each step, ema = decay * previous ema + (1 - decay) * model, from the initial weights (read from
+    every checkpoint train() writes, one per step); with train.ema_decay 0 the EMA is the model, bitwise."""
+    saved = {}
+    real_save = train.save_checkpoint
+
+    def save(path, state):
+        saved[state["step"]] = (flat_weights(state["model"]), flat_weights(state["ema"]))
+        return real_save(path, state)
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    cfg = tiny_config(**{"train.ema_decay": decay, "train.checkpoint_every": 1, "train.epochs": 2})
+    train.train(cfg, progress=False)
+    final = checkpoint.load_checkpoint(Path(cfg.out_dir) / "checkpoint.pt")
+    assert sorted(saved) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    ema = initial_weights(final, cfg.seed)
+    for step, (model, logged_ema) in sorted(saved.items()):
+        ema = decay * ema + (1 - decay) * model
+        torch.testing.assert_close(logged_ema, ema, rtol=0, atol=1e-6, msg=f"EMA after step {step}")
+    if decay == 0:
+        assert_equal_nested(final["ema"], final["model"], "ema vs model")
+
+
+def test_warmup_shows_in_the_history(tiny_run) -> None:
+    """train.warmup_steps: each epoch's `lr` in history.csv is the learning rate of its last step, rising linearly
+    to train.lr at step warmup_steps (2 steps an epoch). The per-step train/lr: the offline wandb run's test."""
+    run = tiny_run(**{"train.warmup_steps": 5, "train.epochs": 3})
+    lr = run.cfg.train.lr
+    assert [r["lr"] for r in read_history(run.out)] == pytest.approx([lr * 2 / 5, lr * 4 / 5, lr], rel=1e-12)
 
 
 # ---------------------------------------------------------------- determinism and resuming
@@ -371,16 +408,21 @@ def test_one_seed_gives_bitwise_identical_runs(tiny_run, workdir: Path) -> None:
                            flat_weights(ref.state["model"]))
 
 
-def test_continuing_a_finished_run_with_more_epochs_equals_a_straight_run(tiny_run, workdir: Path) -> None:
+def test_continuing_a_finished_run_with_more_epochs_equals_a_straight_run(tiny_run, workdir: Path,
+                                                                         step_counter: dict) -> None:
+    ref = tiny_run(**REF)
     copy_run(tiny_run(), workdir)  # 1 epoch
+    step_counter["n"] = 0  # (the tiny runs above may have just been trained)
     metrics = train.train(tiny_config(**REF), progress=False)  # train.epochs may change on resume
+    assert step_counter["n"] == 2 * STEPS_PER_EPOCH  # it continued: only the two new epochs were trained
     state = checkpoint.load_checkpoint(Path(TINY["out_dir"]) / "checkpoint.pt")
-    assert_same_training(state, tiny_run(**REF).state)
+    assert_same_training(state, ref.state)
     assert metrics["step"] == 3 * STEPS_PER_EPOCH
     assert [r["loss"] for r in read_history(Path(TINY["out_dir"]))] == [r["loss"] for r in state["history"]]
     # Running the finished run again trains nothing and changes nothing.
     before = snapshot(workdir / TINY["out_dir"])
     assert train.train(tiny_config(**REF), progress=False) == metrics
+    assert step_counter["n"] == 2 * STEPS_PER_EPOCH
     after = snapshot(workdir / TINY["out_dir"])
     assert {k: v for k, v in after.items() if k != "config.resolved.yaml"} == \
         {k: v for k, v in before.items() if k != "config.resolved.yaml"}
@@ -395,29 +437,31 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(where: str, ti
                                                                   monkeypatch) -> None:
     """step: crash before step 4 (mid epoch 2), with a checkpoint every step. epoch_end: crash in epoch 2's
     bookkeeping, after the checkpoint written at its last batch. sigint: Ctrl-C during step 5 finishes the step,
-    writes a checkpoint and exits 130. Then the same command resumes; the result is bitwise the uninterrupted run."""
+    writes a checkpoint and exits 130. Then the same command resumes: it executes only the steps left, and the
+    result is bitwise the uninterrupted run."""
     calls = {"train_step": 0, "end_epoch": 0}
     real = {"train_step": train.train_step, "end_epoch": train.end_epoch}
+    interrupting = True
 
     def train_step(*args, **kwargs):
         calls["train_step"] += 1
-        if where == "step" and calls["train_step"] == 4:
+        if interrupting and where == "step" and calls["train_step"] == 4:
             raise Crash
-        if where == "sigint" and calls["train_step"] == 5:
+        if interrupting and where == "sigint" and calls["train_step"] == 5:
             os.kill(os.getpid(), signal.SIGINT)
         return real["train_step"](*args, **kwargs)
 
     def end_epoch(*args, **kwargs):
         calls["end_epoch"] += 1
-        if where == "epoch_end" and calls["end_epoch"] == 2:
+        if interrupting and where == "epoch_end" and calls["end_epoch"] == 2:
             raise Crash
         return real["end_epoch"](*args, **kwargs)
 
+    monkeypatch.setattr(train, "train_step", train_step)
+    monkeypatch.setattr(train, "end_epoch", end_epoch)
     handler = signal.getsignal(signal.SIGINT)
     interrupted = tiny_config(**REF, **{"train.checkpoint_every": {"step": 1, "epoch_end": 2, "sigint": 5000}[where]})
-    with monkeypatch.context() as patch, pytest.raises(SystemExit if where == "sigint" else Crash) as e:
-        patch.setattr(train, "train_step", train_step)
-        patch.setattr(train, "end_epoch", end_epoch)
+    with pytest.raises(SystemExit if where == "sigint" else Crash) as e:
         train.train(interrupted, progress=False)
     if where == "sigint":
         assert e.value.code == 128 + signal.SIGINT
@@ -427,7 +471,11 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(where: str, ti
     assert saved["step"] == {"step": 3, "epoch_end": 4, "sigint": 5}[where]
     assert len(saved["history"]) == {"step": 1, "epoch_end": 1, "sigint": 2}[where]
 
+    interrupting, calls["train_step"] = False, 0
     train.train(tiny_config(**REF), progress=False)  # the same command again; checkpoint_every may differ
+    # It continued from the checkpoint: only the steps left were executed (a restart would redo them all and,
+    # being deterministic, end at the same weights).
+    assert calls["train_step"] == 3 * STEPS_PER_EPOCH - saved["step"]
     resumed = checkpoint.load_checkpoint(ckpt)
     assert_same_training(resumed, tiny_run(**REF).state)
     assert read_history(Path(interrupted.out_dir)) == resumed["history"]
@@ -435,10 +483,16 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(where: str, ti
 
 # ---------------------------------------------------------------- wandb
 
-def test_wandb_offline_run_holds_metrics_images_config_and_no_code(workdir: Path, monkeypatch) -> None:
+def test_wandb_auto_without_credentials_runs_offline_with_metrics_images_config_and_no_code(workdir: Path,
+                                                                                            monkeypatch) -> None:
+    """wandb.mode auto with no API key and no netrc entry: an offline run in out_dir/wandb, holding the config,
+    the per-step scalars every log_every steps (their loss the mean over the window, their lr the warmup's), the
+    per-epoch scalars and images, the config artifact, and no code."""
     import wandb
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(workdir / "wandb-home" / var.lower()))
+    for var, value in wandb_env(workdir / "wandb-home").items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(workdir / "no-netrc"))
     init_kwargs = {}
     real_init = wandb.init
 
@@ -453,8 +507,9 @@ def test_wandb_offline_run_holds_metrics_images_config_and_no_code(workdir: Path
     wandb.teardown()
     with contextlib.chdir(elsewhere):
         wandb.setup()
-    cfg = tiny_config(**{"wandb.mode": "offline", "wandb.log_every": 1, "data.subset": 8, "train.batch_size": 4,
-                         "train.epochs": 2, "sample.every_epochs": 1})
+    # 3 epochs of two full batches of 4: steps 1-6, logged at 2, 4 and 6; the warmup ends at step 5.
+    cfg = tiny_config(**{"wandb.mode": "auto", "wandb.log_every": 2, "train.warmup_steps": 5, "data.subset": 8,
+                         "train.batch_size": 4, "train.epochs": 3, "sample.every_epochs": 1})
     config_path = write_config(cfg)
     train.train(config.load_config(config_path), config_path=config_path, progress=False)
     wandb.teardown()  # the service writes the rest of its transaction log on shutdown (atexit, in a real run)
@@ -475,7 +530,7 @@ def test_wandb_offline_run_holds_metrics_images_config_and_no_code(workdir: Path
     logged = {u.key: json.loads(u.value_json) for u in run.config.update if u.key != "_wandb"}
     assert logged == config.to_dict(cfg)
 
-    # History: per-step scalars at every step (log_every 1), per-epoch scalars and images.
+    # History: per-step scalars every 2 steps and nowhere else, per-epoch scalars and images at each epoch's end.
     rows: dict[int, dict] = {}
     for r in by_type["history"]:
         row = rows.setdefault(r.history.step.num, {})
@@ -486,24 +541,26 @@ def test_wandb_offline_run_holds_metrics_images_config_and_no_code(workdir: Path
                 node = node.setdefault(k, {})
             node[keys[-1]] = json.loads(item.value_json)
     history = read_history(out)
-    assert sorted(rows) == [0, 1, 2, 3, 4]
-    for step in (1, 2, 3, 4):
-        assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_sec"} <= rows[step].keys()
-        assert rows[step]["train/lr"] == cfg.train.lr and rows[step]["train/grad_norm"] > 0
-    for epoch, step in ((1, 2), (2, 4)):
+    lr = cfg.train.lr
+    assert sorted(rows) == [0, 2, 4, 6]
+    assert [r["lr"] for r in history] == pytest.approx([lr * 2 / 5, lr * 4 / 5, lr], rel=1e-12)
+    for epoch, step in ((1, 2), (2, 4), (3, 6)):
         row = rows[step]
+        assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_sec"} <= row.keys()
+        assert row["train/lr"] == pytest.approx(lr * min(step, 5) / 5, rel=1e-12)  # the lr of this very step
+        assert math.isfinite(row["train/grad_norm"]) and row["train/grad_norm"] > 0
         assert {"epoch/loss", "epoch/ema_loss", "epoch", "samples"} <= row.keys()
         assert row["epoch"] == epoch
         assert row["epoch/loss"] == history[epoch - 1]["loss"]
         assert row["epoch/ema_loss"] == history[epoch - 1]["ema_loss"]
-        mean = (rows[step - 1]["train/loss"] + rows[step]["train/loss"]) / 2  # two full batches of 4 per epoch
-        assert row["epoch/loss"] == pytest.approx(mean, rel=1e-6)
+        # The logged loss is the mean over the 2-step window, which here is the epoch (two full batches of 4).
+        assert row["train/loss"] == pytest.approx(row["epoch/loss"], rel=1e-6)
 
     # Images: PNG files under files/media/images, pixel for pixel the grids train.py made from uint8 images.
     images = data.load_dataset(Path("data/cifar10"), 8)
     first = next(data.BatchIterator(images, 4, seed=train.derive_seed(cfg.seed, 1)).epoch_batches())
     expected = {"inputs": (0, checkpoint.image_grid(ddpm.to_uint8(first)).permute(2, 0, 1)),
-                "samples": (4, decode_png(out / "samples" / "epoch_002.png"))}
+                "samples": (6, decode_png(out / "samples" / "epoch_003.png"))}
     for name, (step, pixels) in expected.items():
         meta = rows[step][name]
         assert meta["_type"] == "image-file" and meta["format"] == "png"
@@ -718,3 +775,70 @@ def test_failed_checkpoint_write_exits_1(workdir: Path, monkeypatch, capsys) -> 
     line = one_error_line(capsys.readouterr().err)
     assert "No space left on device" in line and f"{TINY['out_dir']}/checkpoint.pt" in line
     assert not (workdir / TINY["out_dir"] / "checkpoint.pt").exists()
+
+
+def test_resume_on_other_data_of_the_same_size_exits_2_naming_it(tiny_run, tmp_path: Path, monkeypatch,
+                                                                  capsys) -> None:
+    """A checkpoint records its dataset's identity (the sha256 of data/<dataset>/meta.json): resuming on other
+    images, here as many as before, is refused in one line naming the file; --fresh starts over on them."""
+    base = tiny_run()
+    other = tmp_path / "other-data" / "cifar10"
+    write_synthetic_cifar(other, n_train=64, n_test=16, seed=1)  # same size as the run's dataset, other images
+    work = tmp_path / "work"
+    work.mkdir()
+    link_datasets(work, {"cifar10": other})
+    monkeypatch.chdir(work)
+    out = copy_run(base, work)
+    config_path = write_config(tiny_config(**REF))
+    before = snapshot(work)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", config_path])
+    assert e.value.code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: data:") and "data/cifar10/meta.json" in line, line
+    assert f"{TINY['out_dir']}/checkpoint.pt" in line and "--fresh" in line, line
+    assert snapshot(work) == before
+    train.main(["--config", config_path, "--fresh"])
+    assert checkpoint.load_checkpoint(out / "checkpoint.pt")["data_id"] == \
+        hashlib.sha256((other / "meta.json").read_bytes()).hexdigest()
+
+
+def test_checkpoint_without_a_dataset_identity_still_resumes(tiny_run, workdir: Path, step_counter: dict) -> None:
+    """Checkpoints written before the dataset identity was recorded resume as before (the data is unknown, so
+    it is accepted), and equal a straight run."""
+    ref = tiny_run(**REF)
+    out = copy_run(tiny_run(), workdir)
+    damage_state(out / "checkpoint.pt", lambda s: s.pop("data_id"))
+    step_counter["n"] = 0  # (the tiny runs above may have just been trained)
+    train.train(tiny_config(**REF), progress=False)
+    assert step_counter["n"] == 2 * STEPS_PER_EPOCH
+    assert_same_training(checkpoint.load_checkpoint(out / "checkpoint.pt"), ref.state)
+
+
+def test_fresh_removes_the_old_sample_grids(tiny_run, workdir: Path, capsys) -> None:
+    out = copy_run(tiny_run(**{"train.epochs": 2, "sample.every_epochs": 1}), workdir)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+    train.main(["--config", write_config(tiny_config()), "--fresh"])  # 1 epoch, no grids
+    assert capsys.readouterr().out.startswith(f"done: epoch 1, step {STEPS_PER_EPOCH}")
+    assert list((out / "samples").iterdir()) == []
+    assert [r["epoch"] for r in read_history(out)] == [1]
+
+
+def test_ctrl_c_before_training_exits_130_in_one_line(workdir: Path, monkeypatch, capsys) -> None:
+    """Ctrl-C while the data loads, before train()'s own handler is installed: one line, exit 130, nothing written."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    config_path = write_config(tiny_config())
+    before = snapshot(workdir)
+    monkeypatch.setattr(data, "load_dataset", interrupted)
+    try:
+        train.main(["--config", config_path])
+    except KeyboardInterrupt:  # caught here, or pytest would take it as the user's own Ctrl-C and stop the session
+        pytest.fail("the KeyboardInterrupt escaped train.main (a traceback for the user)")
+    except SystemExit as e:
+        assert e.code == 130
+    else:
+        pytest.fail("train.main returned")
+    assert one_error_line(capsys.readouterr().err) == \
+        "error: interrupted before training started; run the same command again"
+    assert snapshot(workdir) == before

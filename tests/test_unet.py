@@ -14,7 +14,8 @@ from unet import AttnBlock, UNet, timestep_embedding
 TINY = dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, image_size=8)
 
 
-def tiny_unet(**overrides) -> UNet:
+def tiny_unet(seed: int = 0, **overrides) -> UNet:
+    torch.manual_seed(seed)  # the initial weights come from the global generator
     return UNet(**{**TINY, **overrides})
 
 
@@ -110,9 +111,29 @@ def test_dtype_is_kept(dtype):
 
 
 def test_parameter_count_at_the_defaults_is_the_papers():
-    # Ho et al. 2020, Appendix B: 35.7M parameters for CIFAR-10.
-    count = sum(p.numel() for p in UNet().parameters())
-    assert abs(count - 35.7e6) <= 0.1e6, count
+    # Ho et al. 2020, Appendix B: 35.7M parameters for CIFAR-10; exactly 35,746,307 in hojonathanho/diffusion's
+    # model (and in diffusers' UNet2DModel of google/ddpm-cifar10-32, tests/test_bench.py).
+    assert sum(p.numel() for p in UNet().parameters()) == 35_746_307
+
+
+def test_attention_block_equals_an_einsum_reference():
+    """AttnBlock: x + proj(softmax(q k^T / sqrt(C)) v) over the H*W positions, with q, k, v the 1x1 convolutions
+    of GroupNorm(x) (hojonathanho/diffusion's attn_block), written out here with einsum in float64."""
+    torch.manual_seed(0)
+    block = AttnBlock(64).double()
+    with torch.no_grad():
+        block.proj.weight.normal_(0, 0.1)  # zero-initialised: the block would be the identity
+        block.proj.bias.normal_(0, 0.1)
+    x = torch.randn(2, 64, 4, 4, dtype=torch.float64)
+    h = block.norm(x)
+    w_qkv, b_qkv = block.qkv.weight[:, :, 0, 0], block.qkv.bias  # (3C, C), (3C,)
+    q, k, v = (torch.einsum("oc,bchw->bohw", w_qkv, h) + b_qkv[None, :, None, None]).chunk(3, dim=1)
+    weights = torch.einsum("bchw,bcij->bhwij", q, k) / math.sqrt(64)  # every position against every position
+    weights = weights.reshape(2, 4, 4, 16).softmax(dim=-1).reshape(2, 4, 4, 4, 4)
+    attended = torch.einsum("bhwij,bcij->bchw", weights, v)
+    expected = x + torch.einsum("oc,bchw->bohw", block.proj.weight[:, :, 0, 0], attended) \
+        + block.proj.bias[None, :, None, None]
+    torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -149,8 +170,10 @@ def test_timestep_embedding_shape_and_values(dim):
     # t = 0: sin(0) = 0 and cos(0) = 1; the odd dimension is zero padding.
     assert torch.equal(emb[0, :half], torch.zeros(half)) and torch.equal(emb[0, half:2 * half], torch.ones(half))
     assert dim % 2 == 0 or not emb[:, -1].any()
-    # The first frequency is 1: the pair (sin t, cos t).
+    # The first frequency is 1: the pair (sin t, cos t). The last is 1/10000 (the Transformer's and DDPM's
+    # exp(-ln(10000) * i / (half - 1)) at i = half - 1): at t = 999 the pair (sin 0.0999, cos 0.0999).
     torch.testing.assert_close(emb[1, [0, half]], torch.tensor([math.sin(1), math.cos(1)]))
+    torch.testing.assert_close(emb[2, [half - 1, 2 * half - 1]], torch.tensor([math.sin(0.0999), math.cos(0.0999)]))
     assert (emb[1] != emb[2]).any()
 
 

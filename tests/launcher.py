@@ -1,0 +1,76 @@
+"""python tests/launcher.py SPEC [train.py arguments]: train.main(arguments), as `python train.py` runs it, with
+one project function wrapped so that a moment inside the process is reached deterministically, without test hooks
+in the project's code. Used by tests/helpers.py's `launch` (also under torchrun, one launcher per rank).
+
+SPEC is JSON:
+  {"wrap": "train.ema_update", "call": 7, "action": "kill"}   the 7th call SIGKILLs this process
+  "action": "signal", "signal": 2                             ... sends it SIGINT (then the call goes on)
+  "action": "signal", "signal": 2, "times": 2                 ... twice, the second once the first was handled
+  "inside": "train.save_checkpoint", "inside_call": 4         count calls of `wrap` only during that call of it
+  {}                                                           nothing: just count
+
+Every run counts its training steps (calls of train.train_step) and writes the number to launcher.steps.<RANK>
+when train.main returns or exits (not when killed): a resumed run must execute only the steps it had left.
+"""
+import importlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+spec = json.loads(sys.argv[1])
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train  # noqa: E402  (after the project folder is on the path)
+
+state = {"inside": 0, "active": spec.get("inside") is None, "calls": 0, "steps": 0}
+
+
+def patch(dotted: str, make) -> None:
+    module, name = dotted.rsplit(".", 1)
+    module = importlib.import_module(module)
+    setattr(module, name, make(getattr(module, name)))
+
+
+def counting(real):
+    def wrapper(*args, **kwargs):
+        state["inside"] += 1
+        state["active"] = state["inside"] == spec["inside_call"]
+        try:
+            return real(*args, **kwargs)
+        finally:
+            state["active"] = False
+    return wrapper
+
+
+def trigger(real):
+    def wrapper(*args, **kwargs):
+        if state["active"]:
+            state["calls"] += 1
+            if state["calls"] == spec["call"]:
+                if spec["action"] == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                for _ in range(spec.get("times", 1)):
+                    os.kill(os.getpid(), spec["signal"])
+                    time.sleep(0.2)  # the handler runs during the sleep (a second signal must not merge with it)
+        return real(*args, **kwargs)
+    return wrapper
+
+
+def steps(real):
+    def wrapper(*args, **kwargs):
+        state["steps"] += 1
+        return real(*args, **kwargs)
+    return wrapper
+
+
+patch("train.train_step", steps)
+if spec.get("inside"):
+    patch(spec["inside"], counting)
+if spec.get("wrap"):
+    patch(spec["wrap"], trigger)
+try:
+    train.main(sys.argv[2:])
+finally:
+    Path(f"launcher.steps.{os.environ.get('RANK', '0')}").write_text(str(state["steps"]))
