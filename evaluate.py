@@ -1,6 +1,7 @@
 """FID and Inception Score of a checkpoint's EMA samples, resumable:
 
     python evaluate.py --checkpoint runs/default/checkpoint.pt --num-samples 50000 --steps 1000
+    python evaluate.py --diffusers google/ddpm-cifar10-32 ...     # a diffusers model instead (export.py)
 
 FID (Heusel et al. 2017) against the training set and IS (Salimans et al. 2016), as in Ho et al. 2020, Table 1.
 Samples go to <checkpoint dir>/eval/samples_<steps>_<variance>_<seed>/ in shards written atomically, so an
@@ -296,17 +297,35 @@ def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict
 
 # ---------------------------------------------------------------- the evaluation
 
-def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: int | None = None,
+def results_dir(checkpoint_path: str | Path | None, diffusers: str | None = None) -> Path:
+    """Where eval.json and eval/ go: beside the checkpoint; in a diffusers model's folder, or for a hub id in
+    runs/diffusers/<owner>--<name>."""
+    if diffusers is None:
+        return Path(checkpoint_path).parent
+    return Path(diffusers) if Path(diffusers).is_dir() else Path("runs/diffusers") / diffusers.replace("/", "--")
+
+
+def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, steps: int | None = None,
              batch_size: int = 256, seed: int = 0, variance: str = "beta", ref: str | Path | None = None,
              device: str | torch.device = "auto", extractor: Extractor | None = None, progress: bool = True,
              stats_cache: str | Path = "data/fid_stats",
-             generate: Callable[..., Tensor] = sample.generate) -> dict:
+             generate: Callable[..., Tensor] = sample.generate, diffusers: str | None = None) -> dict:
     """FID and IS of `num_samples` EMA samples of the checkpoint; writes and returns eval.json's content.
     `ref` defaults to the config's training set, data/<dataset>/train.npy; `extractor` to the FID Inception.
-    Everything that can fail on setup (checkpoint, extractor, reference) does so before any sampling."""
-    checkpoint_path = Path(checkpoint_path)
-    state = load_checkpoint(checkpoint_path, advice="(is it a checkpoint.pt written by train.py?)")
-    schedule = sample.schedule_from_config(state["config"])
+    Everything that can fail on setup (checkpoint, extractor, reference) does so before any sampling.
+    With `diffusers` (a diffusers model's folder or hub id, instead of a checkpoint), `ref` defaults to CIFAR-10's
+    for 3x32x32 images; see `results_dir` for where the results go."""
+    if diffusers is not None:
+        from export import load_diffusers
+        model, schedule = load_diffusers(diffusers)
+        step, weights, dataset = None, model.state_dict(), "cifar10"  # as its 3x32x32 images suggest; else --ref
+        if ref is None and (model.in_channels, model.image_size) != (3, 32):
+            raise EvalError(f"{diffusers}: its {model.in_channels}x{model.image_size}x{model.image_size} images are "
+                            f"not CIFAR-10's: pass --ref")
+    else:
+        state = load_checkpoint(checkpoint_path, advice="(is it a checkpoint.pt written by train.py?)")
+        schedule = sample.schedule_from_config(state["config"])
+        step, weights, dataset = state["step"], state["ema"], state["config"]["data"]["dataset"]
     steps = schedule.num_timesteps if steps is None else steps
     if not 1 <= steps <= schedule.num_timesteps:
         raise ValueError(f"--steps must be in [1, {schedule.num_timesteps}], got {steps}")
@@ -320,18 +339,18 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
         device = sample.resolve_device(device)
     except ValueError as e:
         raise ValueError(f"--device {e}") from None
-    dataset = state["config"]["data"]["dataset"]
     ref = Path("data") / dataset / "train.npy" if ref is None else Path(ref)
     if not ref.exists():
         raise EvalError(f"{ref}: reference not found" + ("" if ref.suffix != ".npy" else
                         "; run `python data.py --config config.yaml` first, or pass --ref"))
     extractor = extractor if extractor is not None else inception_extractor(device)
     ref_stats = reference_stats(ref, extractor, cache_dir=stats_cache, batch_size=batch_size, progress=progress)
-    model = model_from_checkpoint(state, ema=True, device=device)
-    identity = {"checkpoint_step": state["step"], "ema_sha256": weights_digest(state["ema"]), "steps": steps,
+    model = model.to(device) if diffusers is not None else model_from_checkpoint(state, ema=True, device=device)
+    identity = {"checkpoint_step": step, "ema_sha256": weights_digest(weights), "steps": steps,
                 "variance": variance, "seed": seed, "seed_stride": SEED_STRIDE, "batch_size": batch_size,
                 "clip": True, "image_shape": [model.in_channels, model.image_size, model.image_size]}
-    folder = checkpoint_path.parent / "eval" / f"samples_{steps}_{variance}_{seed}"
+    out_dir = results_dir(checkpoint_path, diffusers)
+    folder = out_dir / "eval" / f"samples_{steps}_{variance}_{seed}"
     images = sample_shards(model, schedule, folder, identity, num_samples=num_samples, batch_size=batch_size,
                            steps=steps, variance=variance, seed=seed, device=device, progress=progress,
                            generate=generate)
@@ -343,11 +362,12 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
              f"{PAPER['num_samples']} samples of {PAPER['steps']} steps with variance beta on CIFAR-10, FID against the "
              f"training set)")
     result = {**scores, "num_samples": num_samples, "steps": steps, "variance": variance, "seed": seed,
-              "batch_size": batch_size, "checkpoint_step": state["step"], "weights": "ema", "dataset": dataset,
+              "batch_size": batch_size, "checkpoint_step": step, "dataset": dataset,
+              "weights": "ema" if diffusers is None else f"diffusers {diffusers}",
               "ref": str(ref), "extractor": extractor.name, "comparable_with_paper": not reasons,
               "note": f"comparable with {paper}" if not reasons
               else f"NOT comparable with {paper}: {', '.join(reasons)}"}
-    write_json(checkpoint_path.parent / "eval.json", result)
+    write_json(out_dir / "eval.json", result)
     return result
 
 
@@ -355,13 +375,17 @@ def summary(result: dict, path: str | Path) -> str:
     """The one line main() prints."""
     return (f"FID {result['fid']:.2f}  IS {result['is_mean']:.2f} ± {result['is_std']:.2f}  "
             f"({result['num_samples']} samples, {result['steps']} steps, variance {result['variance']}, seed "
-            f"{result['seed']}, checkpoint step {result['checkpoint_step']}) {result['note']} -> {path}")
+            f"{result['seed']}, " + (f"checkpoint step {result['checkpoint_step']}" if result["checkpoint_step"]
+                                     is not None else result["weights"]) + f") {result['note']} -> {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
     from config import fail
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train.py")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint.pt written by train.py")
+    source.add_argument("--diffusers", metavar="PATH_OR_ID", help="a diffusers UNet2DModel or DDPMPipeline (folder or "
+                        "hub id) instead, e.g. google/ddpm-cifar10-32 (pip install -r requirements-bench.txt)")
     p.add_argument("--num-samples", type=int, default=PAPER["num_samples"], help="50000 for the paper's numbers")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all; fewer = respaced)")
     p.add_argument("--variance", choices=["beta", "posterior"], default="beta")
@@ -375,12 +399,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = evaluate(args.checkpoint, num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed, variance=args.variance, ref=args.ref, device=args.device,
-                          stats_cache=args.stats_cache)
+                          stats_cache=args.stats_cache, diffusers=args.diffusers)
     except (EvalError, CheckpointError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted; the shards written so far are kept: run the same command again to resume", 130)
-    print(summary(result, Path(args.checkpoint).parent / "eval.json"))
+    print(summary(result, results_dir(args.checkpoint, args.diffusers) / "eval.json"))
 
 
 if __name__ == "__main__":
