@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import torch
 
 import ddpm
 from checkpoint import CheckpointError, load_checkpoint, model_args
@@ -124,7 +123,7 @@ def _diffusers() -> Iterator[Any]:
 
 
 def scheduler_config(cfg: Mapping[str, Any]) -> dict:
-    """The DDPMScheduler settings of a run's config: T, the β range and schedule, and its sampler's σ² and clipping."""
+    """The DDPMScheduler settings of a run's config: T, the β range and schedule, its sampler's σ² and clipping."""
     d, s = cfg["diffusion"], cfg["sample"]
     return dict(num_train_timesteps=d["num_timesteps"], beta_start=d["beta_start"], beta_end=d["beta_end"],
                 beta_schedule=_BETA_SCHEDULES[d["schedule"]], variance_type=_VARIANCES[s["variance"]],
@@ -144,14 +143,17 @@ def schedule_from_scheduler(config: Mapping[str, Any]) -> ddpm.Schedule:
                               config.get("beta_end", 0.02), kind)
 
 
-def _missing_remotely(e: BaseException) -> bool:
-    """Did the hub answer that a file is not there (not: the hub could not be reached)?"""
+def _hub_says(e: BaseException) -> str | None:
+    """"missing" if the hub answered that a file is not there, "unreachable" if it could not be asked (and the
+    file is not in its cache), else None: from the exception's chain."""
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     while e is not None:
-        if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):
-            return True
+        if isinstance(e, LocalEntryNotFoundError):
+            return "unreachable"
+        if isinstance(e, EntryNotFoundError):
+            return "missing"
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def load_diffusers(source: str) -> tuple[UNet, ddpm.Schedule]:
@@ -159,6 +161,9 @@ def load_diffusers(source: str) -> tuple[UNet, ddpm.Schedule]:
     (the paper's if there is none). `source`: a UNet2DModel folder, a DDPMPipeline folder (unet/, scheduler/), or
     a hub id, all through diffusers' own from_pretrained. ValueError (one line) for what cannot be loaded."""
     local = Path(source)
+    if not local.is_dir() and (local.exists() or source.startswith((".", "/", "~")) or source.endswith("/")
+                               or source.count("/") > 1):  # a path, not a hub id (owner/name)
+        raise ValueError(f"{source}: no such folder")
     with _diffusers() as diffusers:
         layouts = ["unet" if (local / "unet").is_dir() else None] if local.is_dir() else [None, "unet"]
         for i, sub in enumerate(layouts):  # a hub id: the flat layout (google/ddpm-*), then a pipeline's
@@ -166,11 +171,12 @@ def load_diffusers(source: str) -> tuple[UNet, ddpm.Schedule]:
                 theirs = diffusers.UNet2DModel.from_pretrained(source, subfolder=sub, low_cpu_mem_usage=False)
                 break
             except (OSError, ValueError, RuntimeError) as e:
-                if i + 1 < len(layouts) and _missing_remotely(e):
+                says = None if local.is_dir() else _hub_says(e)
+                if i + 1 < len(layouts) and says == "missing":
                     continue
-                where = "" if local.is_dir() else " (not a local folder; a hub id needs the network)"
-                raise ValueError(f"{source}: cannot load a diffusers UNet2DModel{where}: "
-                                 f"{' '.join(str(e).split())[:200]}") from None
+                why = "not a local folder, and the hub cannot be reached (a hub id needs the network)" \
+                    if says == "unreachable" else " ".join(str(e).split())[:200]
+                raise ValueError(f"{source}: cannot load a diffusers UNet2DModel: {why}") from None
         try:
             sched = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler" if sub else None)
         except (OSError, ValueError):
@@ -197,11 +203,14 @@ def export(state: dict, out: str | Path, *, ema: bool = True) -> Path:
             unet.load_state_dict(to_diffusers(state["ema" if ema else "model"]), strict=True)
         except (ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint weights do not fit its model_args: {str(e).splitlines()[0]}") from None
-        pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**scheduler_config(state["config"])))
+        scheduler = diffusers.DDPMScheduler(**scheduler_config(state["config"]))
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
         try:
-            pipeline.save_pretrained(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)  # a folder to share, not mkdtemp's private 0700
+            diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
             os.replace(tmp, out)  # rename(2) replaces an empty folder
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -144,7 +144,8 @@ class UNet(nn.Module):
 
     @staticmethod
     def _block(c_in: int, c_out: int, temb_dim: int, dropout: float, attn: bool, eps: float) -> nn.ModuleList:
-        return nn.ModuleList([ResBlock(c_in, c_out, temb_dim, dropout, eps)] + ([AttnBlock(c_out, eps)] if attn else []))
+        return nn.ModuleList([ResBlock(c_in, c_out, temb_dim, dropout, eps)]
+                             + ([AttnBlock(c_out, eps)] if attn else []))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         B, C, H, W = x.shape

@@ -5,7 +5,6 @@ run loads as a DDPMPipeline whose denoising step and sampler equal ours; a check
 recorded still computes what the old code computed, and resumes in it."""
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import shutil
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")  # requirements-bench.txt; .ci/run installs it, so CI never skips
+pytest.importorskip("diffusers")  # requirements-bench.txt; .ci/run installs it, so CI never skips
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 import checkpoint  # noqa: E402
@@ -136,6 +135,17 @@ def test_a_one_channel_diffusers_model_maps_to_ours() -> None:
         torch.testing.assert_close(ours(x, t), theirs(x, t).sample, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+def test_every_group_norm_has_the_models_eps(eps: float) -> None:
+    """As diffusers applies norm_eps to every GroupNorm (residual, attention, output). Numerically an eps that one
+    kind of layer forgot moves the output by less than the 1e-5 tolerance above, so it is checked here directly."""
+    model = UNet(**{**TINY, "norm_eps": eps})
+    theirs = UNet2DModel(**diffusers_config({**TINY, "norm_eps": eps}))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == sum(isinstance(m, torch.nn.GroupNorm) for m in theirs.modules())
+    assert {m.eps for m in norms} == {m.eps for m in theirs.modules() if isinstance(m, torch.nn.GroupNorm)} == {eps}
+
+
 def test_the_layout_matters_so_the_legacy_variant_differs() -> None:
     """Why the defaults changed: with TF's padding and eps 1e-6 replaced by the old ones, the same weights compute
     something else (the padding moves outputs by O(1); eps alone by ~1e-5)."""
@@ -234,12 +244,13 @@ def test_model_args_from_diffusers_accepts_one_head_named_explicitly_and_refuses
 # ---------------------------------------------------------------- export.py
 
 def write_checkpoint(path: Path, model_args: dict, *, legacy: bool = False, **settings) -> dict:
-    """A checkpoint as train.py writes it (EMA and raw weights differ); `legacy`: its model_args lack the layout
-    keys, as every checkpoint written before they were recorded."""
-    built = {**model_args, **(unet.LEGACY_ARGS if legacy else {})}
+    """A checkpoint as train.py writes it (EMA and raw weights differ), with the paper's layout recorded; `legacy`:
+    its model_args lack the layout keys, as every checkpoint written before they were recorded."""
+    recorded = model_args if legacy else {**model_args, "norm_eps": 1e-6, "downsample_padding": "tf_same"}
+    built = {**unet.LEGACY_ARGS, **recorded}
     state = {"model": randomize(UNet(**built), seed=10).state_dict(), "ema": randomize(UNet(**built), 11).state_dict(),
              "optimizer": {}, "step": 7, "epoch": 1, "config": config.to_dict(tiny_config(**settings)),
-             "model_args": model_args}
+             "model_args": recorded}
     checkpoint.save_checkpoint(path, state)
     return checkpoint.load_checkpoint(path)
 
@@ -247,11 +258,13 @@ def write_checkpoint(path: Path, model_args: dict, *, legacy: bool = False, **se
 @pytest.mark.parametrize("legacy", [False, True], ids=["paper-layout", "legacy-layout"])
 def test_an_export_loads_as_a_ddpm_pipeline_whose_step_equals_ours(tmp_path: Path, legacy: bool) -> None:
     """The legacy layout (symmetric padding, eps 1e-5) is diffusers' downsample_padding=1, norm_eps=1e-5: exact.
-    DDPMScheduler keeps ᾱ_t in float32, so 1 - ᾱ_t near t = 0 is off by up to ~1e-4 relative; with ᾱ_t in float64, as
-    our schedule computes it (and the paper's code), its step is ours to 1e-5 at every t."""
+    DDPMScheduler keeps ᾱ_t in float32, so 1 - ᾱ_t near t = 0 carries a relative error of ~1e-4 (measured: its step
+    differs from ours by up to ~2e-5 there); with ᾱ_t in float64, as our schedule (and the paper's code) computes
+    it, its step is ours to 1e-5 at every t."""
     state = write_checkpoint(tmp_path / "c.pt", TINY, legacy=legacy, **{"diffusion.num_timesteps": 50})
     export.export(state, tmp_path / "my-ddpm")
     pipe = DDPMPipeline.from_pretrained(tmp_path / "my-ddpm")
+    assert (pipe.unet.config.downsample_padding, pipe.unet.config.norm_eps) == ((1, 1e-5) if legacy else (0, 1e-6))
     exact = DDPMScheduler.from_config(pipe.scheduler.config)
     exact.alphas_cumprod = torch.cumprod(1 - exact.betas.double(), 0)
     ours = checkpoint.model_from_checkpoint(state)  # EMA weights
@@ -264,7 +277,8 @@ def test_an_export_loads_as_a_ddpm_pipeline_whose_step_equals_ours(tmp_path: Pat
         with torch.no_grad():
             eps, theirs_eps = ours(x, tt), pipe.unet(x, t).sample
         torch.testing.assert_close(eps, theirs_eps, rtol=0, atol=1e-5)
-        mine = ddpm.p_sample_step(schedule, eps, x, tt, torch.randn(x.shape, generator=torch.Generator().manual_seed(t)))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(t))  # what step() draws at t > 0
+        mine = ddpm.p_sample_step(schedule, eps, x, tt, noise)
         for scheduler, atol in [(exact, 1e-5), (pipe.scheduler, 1e-4)]:
             theirs = scheduler.step(theirs_eps, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
             torch.testing.assert_close(mine, theirs, rtol=0, atol=atol)
@@ -365,7 +379,8 @@ def test_load_diffusers_reads_a_bare_unet_folder_with_the_papers_schedule(tmp_pa
 def test_sample_cli_samples_a_diffusers_folder(pipeline_folders, tmp_path: Path, monkeypatch, capsys) -> None:
     folder, pipe = pipeline_folders["beta"]
     monkeypatch.chdir(tmp_path)
-    sample.main(["--diffusers", str(folder), "--num-images", "3", "--device", "cpu", "--npz", "s.npz", "--out", "s.png"])
+    sample.main(["--diffusers", str(folder), "--num-images", "3", "--device", "cpu", "--npz", "s.npz",
+                 "--out", "s.png"])
     assert f"wrote 3 images (diffusers {folder}) to s.png" in capsys.readouterr().out
     theirs = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=20,
                   output_type="pt").images  # sample.py's first batch uses seed 0
@@ -374,18 +389,74 @@ def test_sample_cli_samples_a_diffusers_folder(pipeline_folders, tmp_path: Path,
 
 
 def test_cli_errors_for_diffusers_sources_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no 30 s of retries: fails at once, as with no network
-    result = run_cli("sample.py", "--diffusers", "google/ddpm-cifar10-32", "--out", "s.png", cwd=tmp_path)
-    assert result.returncode == 2
-    line = one_error_line(result.stderr)
-    assert line.startswith("error: google/ddpm-cifar10-32: cannot load a diffusers UNet2DModel (not a local folder")
     (tmp_path / "empty").mkdir()
     assert "cannot load a diffusers UNet2DModel" in run_main(sample.main, ["--diffusers", str(tmp_path / "empty")],
                                                             capsys)
+    for path in (str(tmp_path / "nope"), "./nope", "nope/"):  # a path that is not there: never asks the hub
+        assert run_main(sample.main, ["--diffusers", path], capsys) == f"error: {path}: no such folder"
     assert "--raw chooses" in run_main(sample.main, ["--diffusers", str(tmp_path), "--raw"], capsys)
     monkeypatch.setitem(sys.modules, "diffusers", None)
     assert run_main(sample.main, ["--diffusers", str(tmp_path)], capsys) == \
         "error: diffusers is not installed: pip install -r requirements-bench.txt"
+
+
+def test_a_hub_id_tries_a_pipelines_unet_folder_only_when_the_hub_says_the_flat_one_is_missing(
+        pipeline_folders, monkeypatch) -> None:
+    """No network here: from_pretrained is replaced by one that answers as the hub would, from a local pipeline."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    folder, _ = pipeline_folders["beta"]
+    real, calls = UNet2DModel.from_pretrained.__func__, []
+
+    def fake(cls, source, subfolder=None, **kwargs):
+        calls.append(subfolder)
+        if subfolder is None:
+            try:
+                raise answer
+            except type(answer) as cause:
+                raise OSError(f"{source} does not appear to have a file named config.json.") from cause
+        return real(cls, folder, subfolder=subfolder, **kwargs)
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", classmethod(fake))
+    real_config = DDPMScheduler.load_config.__func__
+    monkeypatch.setattr(DDPMScheduler, "load_config", classmethod(
+        lambda cls, source, subfolder=None, **kw: real_config(cls, folder, subfolder=subfolder, **kw)))
+    answer = EntryNotFoundError("404 Client Error: Entry Not Found for url: .../config.json")
+    model, schedule = export.load_diffusers("someone/a-ddpm-pipeline")
+    assert calls == [None, "unet"] and model.in_channels == 1 and schedule.num_timesteps == 20  # scheduler/ too
+    calls.clear()
+    answer = LocalEntryNotFoundError("cannot reach the hub, and the file is not in the cache")
+    with pytest.raises(ValueError, match="the hub cannot be reached"):
+        export.load_diffusers("someone/a-ddpm-pipeline")
+    assert calls == [None]  # no second wait for a hub that did not answer
+
+
+CHATTY_OFFLINE = """
+import logging, sys, warnings
+sys.path.insert(0, {root!r})
+from diffusers import UNet2DModel
+import sample
+
+real = UNet2DModel.from_pretrained.__func__
+
+def chatty(cls, source, **kwargs):  # what from_pretrained says with no network (without its 30 s of retries)
+    logging.getLogger("huggingface_hub.utils._http").warning("'[Errno -2] Name or service not known' thrown while "
+                                                              "requesting HEAD ... Retrying in 1s [Retry 1/5].")
+    logging.getLogger("diffusers.models.modeling_utils").warning("Cannot initialize model with low cpu memory usage")
+    warnings.warn("The `local_dir_use_symlinks` argument is deprecated", UserWarning)
+    return real(cls, source, **kwargs)  # HF_HUB_OFFLINE=1: fails at once, as it does after the retries
+UNet2DModel.from_pretrained = classmethod(chatty)
+sample.main(["--diffusers", "google/ddpm-cifar10-32"])
+"""
+
+
+def test_a_hub_id_without_the_network_is_one_line_without_the_hubs_chatter(tmp_path: Path, monkeypatch) -> None:
+    """Without the network huggingface_hub logs every retry and diffusers warns: none of it may reach the terminal
+    around the one error line, which says what went wrong (diffusers' own says a file is missing)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "chatty.py").write_text(CHATTY_OFFLINE.format(root=str(Path(sample.__file__).parent)))
+    result = run_cli(str(tmp_path / "chatty.py"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert one_error_line(result.stderr) == "error: google/ddpm-cifar10-32: cannot load a diffusers UNet2DModel: " \
+        "not a local folder, and the hub cannot be reached (a hub id needs the network)"
 
 
 class ChannelStats:
