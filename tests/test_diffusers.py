@@ -146,6 +146,13 @@ def test_every_group_norm_has_the_models_eps(eps: float) -> None:
     assert {m.eps for m in norms} == {m.eps for m in theirs.modules() if isinstance(m, torch.nn.GroupNorm)} == {eps}
 
 
+@pytest.mark.parametrize("change, message", [({"norm_eps": 0.0}, "norm_eps must be > 0"),
+                                             ({"downsample_padding": "same"}, "downsample_padding must be one of")])
+def test_bad_layout_arguments_raise_value_error(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        UNet(**{**TINY, **change})
+
+
 def test_the_layout_matters_so_the_legacy_variant_differs() -> None:
     """Why the defaults changed: with TF's padding and eps 1e-6 replaced by the old ones, the same weights compute
     something else (the padding moves outputs by O(1); eps alone by ~1e-5)."""

@@ -17,7 +17,7 @@ from test_data import make_cifar_archive, md5_of
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-PROJECT_FILES = ["ddpm.py", "unet.py", "data.py", "train.py", "config.py", "checkpoint.py", "sample.py",
+PROJECT_FILES = ["ddpm.py", "unet.py", "data.py", "train.py", "config.py", "checkpoint.py", "sample.py", "export.py",
                  "config.yaml", "dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"]
 TINY = {"model": {"channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": []},
         "diffusion": {"num_timesteps": 50}, "train": {"epochs": 1, "batch_size": 8, "warmup_steps": 0},
