@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import data
 import ddpm
 import train
+from export import diffusers_config  # google/ddpm-cifar10-32's layout, which computes what our UNet computes
 from sample import fast_eps
 from unet import UNet
 
@@ -39,17 +40,6 @@ TINY = dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), in FLOP/s.
 GPU_PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 AMX_BF16_FLOP_PER_CYCLE = 1024  # per core: one 16x32 by 32x16 bf16 tile multiply (8192 MACs) every 16 cycles
-
-
-def diffusers_config(m: dict) -> dict:
-    """google/ddpm-cifar10-32's UNet2DModel settings (for PAPER: attention at 16x16, one head) for our `m`."""
-    levels, size = len(m["channel_mult"]), m["image_size"]
-    attn = [size // 2 ** i in m["attn_resolutions"] for i in range(levels)]
-    return dict(sample_size=size, in_channels=3, out_channels=3, layers_per_block=m["num_res_blocks"],
-                block_out_channels=tuple(m["channels"] * c for c in m["channel_mult"]),
-                down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-                up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-                dropout=m["dropout"], norm_num_groups=32, attention_head_dim=None)
 
 
 def sync(device: torch.device) -> None:

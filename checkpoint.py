@@ -106,10 +106,19 @@ def _unusable(e: Exception) -> str:
     return f"corrupt or unreadable checkpoint ({type(e).__name__}{': ' + detail if detail else ''})"
 
 
+def model_args(state: dict) -> dict:
+    """The UNet constructor arguments of a checkpoint. One written before `norm_eps` and `downsample_padding`
+    were arguments lacks them and gets the values it was trained with (unet.LEGACY_ARGS), not today's defaults."""
+    from unet import LEGACY_ARGS
+    if not isinstance(state["model_args"], dict):
+        raise CheckpointError(f"checkpoint model_args is a {type(state['model_args']).__name__}, not a dict")
+    return {**LEGACY_ARGS, **state["model_args"]}
+
+
 def model_from_checkpoint(state: dict, *, ema: bool = True, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild the UNet from the checkpoint's constructor arguments alone; EMA weights by default."""
     from unet import UNet
-    model = UNet(**state["model_args"])
+    model = UNet(**model_args(state))
     try:
         model.load_state_dict(state["ema" if ema else "model"])
     except RuntimeError as e:

@@ -2,6 +2,7 @@
 
     python evaluate.py --checkpoint runs/default/checkpoint.pt --num-samples 50000 --steps 1000
     python evaluate.py --checkpoint runs/fmnist/checkpoint.pt --features fashion-mnist --num-samples 2000 ...
+    python evaluate.py --diffusers google/ddpm-cifar10-32 ...     # a diffusers model instead (export.py)
 
 FID (Heusel et al. 2017) against the training set and IS (Salimans et al. 2016), as in Ho et al. 2020, Table 1.
 Offline, for Fashion-MNIST: FID in the features of the project's own classifier (features.py) against the test
@@ -329,21 +330,39 @@ def paper_differences(*, num_samples: int, steps: int, dataset: str, sampler: st
             + [f"variance {variance}"] * (sampler == PAPER["sampler"] and variance != PAPER["variance"]))
 
 
-def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: int | None = None,
+def results_dir(checkpoint_path: str | Path | None, diffusers: str | None = None) -> Path:
+    """Where eval.json and eval/ go: beside the checkpoint; in a diffusers model's folder, or for a hub id in
+    runs/diffusers/<owner>--<name>."""
+    if diffusers is None:
+        return Path(checkpoint_path).parent
+    return Path(diffusers) if Path(diffusers).is_dir() else Path("runs/diffusers") / diffusers.replace("/", "--")
+
+
+def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, steps: int | None = None,
              batch_size: int = 256, seed: int = 0, variance: str = "beta", ref: str | Path | None = None,
              device: str | torch.device = "auto", extractor: Extractor | None = None, progress: bool = True,
              stats_cache: str | Path = "data/fid_stats", features: str = "inception",
              generate: Callable[..., Tensor] = sample.generate, sampler: str = "ddpm", eta: float = 0.0,
-             spacing: str = "uniform") -> dict:
+             spacing: str = "uniform", diffusers: str | None = None) -> dict:
     """FID and IS of `num_samples` EMA samples of the checkpoint; writes and returns eval.json's content.
     `ref` defaults to the config's training set, data/<dataset>/train.npy; `extractor` to the FID Inception.
     `features="fashion-mnist"`: the classifier of features.py instead (offline), FID against the test set
     data/fashion-mnist/test.npy, the real-data floor (the first `num_samples` training images scored the same way)
     and the class coverage instead of the IS.
-    Everything that can fail on setup (checkpoint, extractor, reference) does so before any sampling."""
-    checkpoint_path = Path(checkpoint_path)
-    state = load_checkpoint(checkpoint_path, advice="(is it a checkpoint.pt written by train.py?)")
-    schedule = sample.schedule_from_config(state["config"])
+    Everything that can fail on setup (checkpoint, extractor, reference) does so before any sampling.
+    With `diffusers` (a diffusers model's folder or hub id, instead of a checkpoint), `ref` defaults to CIFAR-10's
+    for 3x32x32 images; see `results_dir` for where the results go."""
+    if diffusers is not None:
+        from export import load_diffusers
+        model, schedule = load_diffusers(diffusers)
+        step, weights, dataset = None, model.state_dict(), "cifar10"  # as its 3x32x32 images suggest; else --ref
+        if ref is None and (model.in_channels, model.image_size) != (3, 32):
+            raise EvalError(f"{diffusers}: its {model.in_channels}x{model.image_size}x{model.image_size} images are "
+                            f"not CIFAR-10's: pass --ref")
+    else:
+        state = load_checkpoint(checkpoint_path, advice="(is it a checkpoint.pt written by train.py?)")
+        schedule = sample.schedule_from_config(state["config"])
+        step, weights, dataset = state["step"], state["ema"], state["config"]["data"]["dataset"]
     steps = schedule.num_timesteps if steps is None else steps
     if not 1 <= steps <= schedule.num_timesteps:
         raise ValueError(f"--steps must be in [1, {schedule.num_timesteps}], got {steps}")
@@ -360,12 +379,11 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
         device = sample.resolve_device(device)
     except ValueError as e:
         raise ValueError(f"--device {e}") from None
-    dataset = state["config"]["data"]["dataset"]
     if features not in ("inception", "fashion-mnist"):
         raise ValueError(f"--features must be inception or fashion-mnist, got {features!r}")
     classes = features == "fashion-mnist"
     if classes and dataset != "fashion-mnist":
-        raise EvalError(f"--features fashion-mnist scores Fashion-MNIST samples; {checkpoint_path} was trained on "
+        raise EvalError(f"--features fashion-mnist scores Fashion-MNIST samples; {checkpoint_path or diffusers} was trained on "
                         f"{dataset}")
     ref = Path("data") / dataset / ("test.npy" if classes else "train.npy") if ref is None else Path(ref)
     if not ref.exists():
@@ -374,12 +392,13 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
     if extractor is None:
         extractor = _fashion_mnist_extractor(stats_cache, progress) if classes else inception_extractor(device)
     ref_stats = reference_stats(ref, extractor, cache_dir=stats_cache, batch_size=batch_size, progress=progress)
-    model = model_from_checkpoint(state, ema=True, device=device)
-    identity = {"checkpoint_step": state["step"], "ema_sha256": weights_digest(state["ema"]), "steps": steps,
+    model = model.to(device) if diffusers is not None else model_from_checkpoint(state, ema=True, device=device)
+    identity = {"checkpoint_step": step, "ema_sha256": weights_digest(weights), "steps": steps,
                 "variance": shown_variance, "seed": seed, "seed_stride": SEED_STRIDE, "batch_size": batch_size,
                 "clip": True, "image_shape": [model.in_channels, model.image_size, model.image_size],
                 "sampler": sampler, "eta": eta, "spacing": spacing}
-    folder = checkpoint_path.parent / "eval" / samples_folder(steps, seed, sampler, eta, spacing, shown_variance)
+    out_dir = results_dir(checkpoint_path, diffusers)
+    folder = out_dir / "eval" / samples_folder(steps, seed, sampler, eta, spacing, shown_variance)
     images = sample_shards(model, schedule, folder, identity, num_samples=num_samples, batch_size=batch_size,
                            steps=steps, variance=variance, seed=seed, device=device, progress=progress,
                            generate=generate, sampler=sampler, eta=eta, spacing=spacing)
@@ -398,11 +417,12 @@ def evaluate(checkpoint_path: str | Path, *, num_samples: int = 50_000, steps: i
              f"against the training set)")
     result = {**scores, "num_samples": num_samples, "steps": steps, "sampler": sampler, "eta": eta,
               "spacing": spacing, "variance": shown_variance, "seed": seed,
-              "batch_size": batch_size, "checkpoint_step": state["step"], "weights": "ema", "dataset": dataset,
+              "batch_size": batch_size, "checkpoint_step": step, "dataset": dataset,
+              "weights": "ema" if diffusers is None else f"diffusers {diffusers}",
               "ref": str(ref), "extractor": extractor.name, "comparable_with_paper": not reasons,
               "note": f"comparable with {paper}" if not reasons
               else f"NOT comparable with {paper}: {', '.join(reasons)}"}
-    write_json(checkpoint_path.parent / "eval.json", result)
+    write_json(out_dir / "eval.json", result)
     return result
 
 
@@ -449,13 +469,17 @@ def summary(result: dict, path: str | Path) -> str:
                 f"{result['checkpoint_step']}); not comparable with Inception FIDs -> {path}")
     return (f"FID {result['fid']:.2f}  IS {result['is_mean']:.2f} ± {result['is_std']:.2f}  "
             f"({result['num_samples']} samples, {result['steps']}{spacing} steps, {how}, seed "
-            f"{result['seed']}, checkpoint step {result['checkpoint_step']}) {result['note']} -> {path}")
+            f"{result['seed']}, " + (f"checkpoint step {result['checkpoint_step']}" if result["checkpoint_step"]
+                                     is not None else result["weights"]) + f") {result['note']} -> {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
     from config import fail
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train.py")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint.pt written by train.py")
+    source.add_argument("--diffusers", metavar="PATH_OR_ID", help="a diffusers UNet2DModel or DDPMPipeline (folder or "
+                        "hub id) instead, e.g. google/ddpm-cifar10-32 (pip install -r requirements-bench.txt)")
     p.add_argument("--num-samples", type=int, default=PAPER["num_samples"], help="50000 for the paper's numbers")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all; fewer = respaced)")
     sample.add_sampler_arguments(p)
@@ -473,12 +497,12 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(args.checkpoint, num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed, variance=args.variance, ref=args.ref, device=args.device,
                           stats_cache=args.stats_cache, features=args.features, sampler=args.sampler, eta=args.eta,
-                          spacing=args.spacing)
+                          spacing=args.spacing, diffusers=args.diffusers)
     except (EvalError, CheckpointError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted; the shards written so far are kept: run the same command again to resume", 130)
-    print(summary(result, Path(args.checkpoint).parent / "eval.json"))
+    print(summary(result, results_dir(args.checkpoint, args.diffusers) / "eval.json"))
 
 
 if __name__ == "__main__":

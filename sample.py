@@ -1,6 +1,7 @@
 """Sample images from a checkpoint, with no config file needed:
 
     python sample.py --checkpoint runs/default/checkpoint.pt --num-images 64 --steps 1000 --out samples.png
+    python sample.py --diffusers google/ddpm-cifar10-32 --num-images 64    # a diffusers model (export.py)
 """
 from __future__ import annotations
 
@@ -115,7 +116,11 @@ def check_sampler_flags(sampler: str, eta: float, spacing: str, variance: str) -
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train.py")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint.pt written by train.py")
+    source.add_argument("--diffusers", metavar="PATH_OR_ID", help="a diffusers UNet2DModel or DDPMPipeline: a folder, "
+                        "or a hub id such as google/ddpm-cifar10-32 (needs the network; pip install -r "
+                        "requirements-bench.txt)")
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all; fewer = respaced)")
     add_sampler_arguments(p)
@@ -137,12 +142,20 @@ def main(argv: list[str] | None = None) -> None:
             device = resolve_device(args.device)
         except ValueError as e:
             raise ValueError(f"--device {e}") from None
-        state = load_checkpoint(args.checkpoint, advice="(is it a checkpoint.pt written by train.py?)")
-        schedule = schedule_from_config(state["config"])
+        if args.diffusers:
+            if args.raw:
+                raise ValueError("--raw chooses a checkpoint's weights; a diffusers model has one set")
+            from export import load_diffusers
+            model, schedule = load_diffusers(args.diffusers)
+            model, what = model.to(device), f"diffusers {args.diffusers}"
+        else:
+            state = load_checkpoint(args.checkpoint, advice="(is it a checkpoint.pt written by train.py?)")
+            schedule = schedule_from_config(state["config"])
+            model = model_from_checkpoint(state, ema=not args.raw, device=device)
+            what = f"step {state['step']}, {'raw' if args.raw else 'EMA'} weights"
         if args.steps is not None and not 1 <= args.steps <= schedule.num_timesteps:
             raise ValueError(f"--steps must be in [1, {schedule.num_timesteps}], got {args.steps}")
         check_sampler_flags(args.sampler, args.eta, args.spacing, args.variance)
-        model = model_from_checkpoint(state, ema=not args.raw, device=device)
     except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -154,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     save_grid(images, args.out)
     if args.npz:
         atomic_save(args.npz, np.savez, images.permute(0, 2, 3, 1).numpy())
-    print(f"wrote {len(images)} images (step {state['step']}, {'raw' if args.raw else 'EMA'} weights) to {args.out}"
+    print(f"wrote {len(images)} images ({what}) to {args.out}"
           + (f" and {args.npz}" if args.npz else ""))
 
 

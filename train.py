@@ -27,6 +27,7 @@ from torch import Tensor
 
 import data
 import ddpm
+from checkpoint import model_args as checkpoint_model_args
 from checkpoint import (CheckpointError, atomic_write, image_grid, load_checkpoint, remove_stale_temps,
                         save_checkpoint, save_grid, write_json)
 from config import Config, ConfigError, cli, fail, flatten, from_dict, resumable_keys, to_dict
@@ -234,7 +235,10 @@ def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, p
     model_args = dict(in_channels=images.shape[1], channels=cfg.model.channels,
                       channel_mult=list(cfg.model.channel_mult), num_res_blocks=cfg.model.num_res_blocks,
                       attn_resolutions=list(cfg.model.attn_resolutions), dropout=cfg.model.dropout,
-                      image_size=images.shape[-1])
+                      image_size=images.shape[-1], norm_eps=1e-6, downsample_padding="tf_same")  # the paper's layout
+    if state is not None:  # resume in the layout it was trained with (legacy if written before it was recorded)
+        saved = checkpoint_model_args(state)
+        model_args.update(norm_eps=saved["norm_eps"], downsample_padding=saved["downsample_padding"])
     try:
         model = UNet(**model_args).to(device)
     except (RuntimeError, MemoryError) as e:  # e.g. model.channels=2**40: more weights than memory (or int64) holds

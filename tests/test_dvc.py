@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 PROJECT_FILES = ["ddpm.py", "unet.py", "data.py", "train.py", "config.py", "checkpoint.py", "sample.py",
                  "config.yaml", "dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
-                 "evaluate.py", "features.py", "requirements-eval.txt", "eval/dvc.yaml", "eval/.dvc/config",
+                 "evaluate.py", "features.py", "export.py", "requirements-eval.txt", "eval/dvc.yaml", "eval/.dvc/config",
                  "eval/.dvc/.gitignore"]
 TINY = nest({**TINY_MODEL, "diffusion.num_timesteps": 50, "train.epochs": 1, "train.batch_size": 8,
              "train.warmup_steps": 0, "sample.num_images": 4, "sample.steps": 3, "wandb.mode": "disabled"})
