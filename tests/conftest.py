@@ -1,7 +1,7 @@
 """Shared test settings: one CPU thread (fast, steady, bitwise-reproducible), every test starting from the same
 global random state, a derandomized hypothesis profile under CI, the `device` fixture that runs a test on cpu and,
-when there is one, cuda, the small synthetic dataset that end-to-end tests train on, and under CI no skips but
-the CUDA ones (a test that skips in CI has checked nothing)."""
+when there is one, cuda, the small synthetic dataset that end-to-end tests train on and the `workdir` that links it
+in, and under CI no skips but the CUDA ones (a test that skips in CI has checked nothing)."""
 import os
 import sys
 from pathlib import Path
@@ -49,6 +49,16 @@ def cifar(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("datasets") / "cifar10"
     write_synthetic_cifar(folder, n_train=64, n_test=16)
     return folder
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch, cifar: Path) -> Path:
+    """An empty working folder with data/cifar10 linked in, as the cwd (test_train.py, test_samplers.py; a module
+    may define its own workdir, which then takes its place there)."""
+    from helpers import link_datasets
+    link_datasets(tmp_path, {"cifar10": cifar})
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 @pytest.hookimpl(hookwrapper=True)

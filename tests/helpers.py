@@ -1,6 +1,8 @@
 """What several test modules share, defined once: tiny settings, tiny datasets and archives on disk, running the CLIs
 and reading what they print, comparing two runs, reading back what a run wrote (PNG grids, the offline wandb run's
-transaction log), keeping wandb away from the home folder, a malicious pickle, and `require` for optional packages.
+transaction log), keeping wandb away from the home folder, a malicious pickle, the float64 references of the DDPM
+math with the Gaussian sampler oracle, a tiny feature extractor and checkpoint for evaluation, and `require` for
+optional packages.
 No test module imports another test module. tests/launcher.py is the script that runs train.py with one function
 wrapped (a kill, a signal or a hang at a chosen call) and counts the training steps a run executes."""
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hashlib
 import importlib
 import io
 import json
+import math
 import os
 import pickle
 import struct
@@ -21,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 import config
+import ddpm
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
@@ -348,6 +353,117 @@ def read_wandb_log(path: Path) -> list:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+# ---------------------------------------------------------------- the DDPM math's references and its oracle
+# (test_ddpm.py, test_samplers.py). For data x0 ~ N(MU, S²) per pixel the exact ε-predictor is known in closed
+# form (exact_eps_model), so a sampler's output law can be computed in float64 and checked against.
+
+# Statistical tests accept |estimate - truth| <= Z standard errors. Z = 5 has a two-sided false-alarm rate of
+# ~6e-7 per check, and every test uses a fixed generator seed, so the outcome is deterministic anyway.
+Z = 5.0
+
+T_PAPER = 1000
+SCHEDULE = ddpm.make_schedule()  # the paper's: linear β from 1e-4 to 0.02, T = 1000
+
+
+def reference_betas(num_timesteps: int, beta_start: float, beta_end: float, kind: str) -> np.ndarray:
+    """β_t in float64, written independently of ddpm.py."""
+    if kind == "linear":  # paper §4
+        return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+    # Nichol & Dhariwal eq. 17: ᾱ_t = f(t) / f(0), f(t) = cos²((t/T + s) / (1 + s) · π/2), β_t = 1 - ᾱ_t / ᾱ_{t-1},
+    # clipped at 0.999 (their §3.2). Here t runs 0..T and ddpm's β[t] is their β_{t+1}.
+    s = 0.008
+    f = [math.cos((t / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2 for t in range(num_timesteps + 1)]
+    return np.array([min(1 - f[t + 1] / f[t], 0.999) for t in range(num_timesteps)])
+
+
+def cumprod_prev(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ᾱ_t, ᾱ_{t-1}) in float64, with ᾱ before the first step = 1."""
+    ac = np.cumprod(1.0 - betas)
+    return ac, np.concatenate([[1.0], ac[:-1]])
+
+
+REF_AC = cumprod_prev(reference_betas(T_PAPER, 1e-4, 0.02, "linear"))[0]
+
+
+def toy_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """An ε-predictor that depends on both x_t and t, so that other draws of either give other results."""
+    return 0.5 * x_t + torch.sin(t.to(x_t.dtype)).reshape(-1, *[1] * (x_t.ndim - 1))
+
+
+MU, S = 0.2, 0.3
+ORACLE_SHAPE = (313, 1, 8, 8)  # 20,032 scalars, independent: the model and the noise act per pixel
+
+
+def exact_eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """E[ε | x_t] for x0 ~ N(MU, S²); t are original timestep indices."""
+    ac = torch.from_numpy(REF_AC)[t].reshape(-1, *[1] * (x.ndim - 1))
+    return ((1 - ac).sqrt() * (x.double() - ac.sqrt() * MU) / (ac * S ** 2 + 1 - ac)).to(x.dtype)
+
+
+def clamped_normal_moments(m: float, v: float, lo: float = -1.0, hi: float = 1.0) -> tuple[float, float]:
+    """Mean and variance of clamp(X, lo, hi) for X ~ N(m, v): ddpm.sample clamps its output to [-1, 1]."""
+    sd = math.sqrt(v)
+    a, b = (lo - m) / sd, (hi - m) / sd
+    pdf = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    inside = cdf(b) - cdf(a)
+    mean = lo * cdf(a) + hi * (1 - cdf(b)) + m * inside + sd * (pdf(a) - pdf(b))
+    second = (lo ** 2 * cdf(a) + hi ** 2 * (1 - cdf(b)) + (m * m + v) * inside + 2 * m * sd * (pdf(a) - pdf(b))
+              + v * (a * pdf(a) - b * pdf(b)))
+    return mean, second - mean ** 2
+
+
+def is_within_oracle(samples: torch.Tensor, law: tuple[float, float], z: float = Z) -> bool:
+    """Sample mean and variance within z standard errors of the clamped law: √(v/n) for the mean, v √(2/(n-1))
+    for the variance (the Gaussian value; clamping lowers the fourth moment, so this is conservative)."""
+    mean, var = clamped_normal_moments(*law)
+    n = samples.numel()
+    return (abs(samples.mean().item() - mean) <= z * math.sqrt(var / n)
+            and abs(samples.var().item() - var) <= z * var * math.sqrt(2 / (n - 1)))
+
+
+# ---------------------------------------------------------------- evaluation (test_evaluate.py, test_samplers.py)
+
+class TinyExtractor:
+    """A fixed random conv net (its weights from a seeded generator): uint8 (B, 3, H, W) -> 16 pooled features
+    and 10 logits, in float64. Counts the images it has seen."""
+
+    def __init__(self, name: str = "tiny", seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = torch.randn(8, 3, 3, 3, generator=g, dtype=torch.float64) / 5
+        self.w2 = torch.randn(16, 8, 3, 3, generator=g, dtype=torch.float64) / 8
+        self.fc = torch.randn(16, 10, generator=g, dtype=torch.float64)
+        self.name, self.seen = name, 0
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3, images.shape
+        self.seen += len(images)
+        x = images.double() / 127.5 - 1.0
+        h = F.relu(F.conv2d(F.relu(F.conv2d(x, self.w1, stride=2)), self.w2, stride=2))
+        pool = h.mean(dim=(2, 3))
+        return pool, pool @ self.fc * 4
+
+
+UNET_ARGS = {**{key.split(".")[1]: value for key, value in TINY_MODEL.items()}, "in_channels": 3, "dropout": 0.0,
+             "image_size": 32}  # the tiny end-to-end model, as a checkpoint's model_args
+
+
+def make_checkpoint(path: Path, *, seed: int = 0, step: int = 100, num_timesteps: int = 20) -> Path:
+    """A tiny checkpoint in train.py's format, made without train.py."""
+    from checkpoint import save_checkpoint
+    from unet import UNet
+    torch.manual_seed(seed)
+    model = UNet(**UNET_ARGS)
+    with torch.no_grad():  # the output layer starts at zero: make the samples depend on the weights
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    cfg = config.to_dict(config.load_config(None, overrides(
+        {**TINY_MODEL, "model.dropout": 0.0, "diffusion.num_timesteps": num_timesteps})))
+    save_checkpoint(path, {"model": model.state_dict(), "ema": model.state_dict(), "optimizer": {}, "step": step,
+                           "epoch": 1, "config": cfg, "model_args": dict(UNET_ARGS)})
+    return path
 
 
 # ---------------------------------------------------------------- optional packages

@@ -11,36 +11,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import ddpm
+from helpers import (MU, ORACLE_SHAPE, REF_AC, SCHEDULE, T_PAPER, Z, S, cumprod_prev, exact_eps_model,
+                     is_within_oracle, reference_betas, toy_model)
 
 # Tolerance for a float32 field against its float64 reference: float32 keeps ~6e-8 relative, so 1e-5 is loose
 # enough for every rounding on the way and tight enough to catch a wrong formula.
 F32_RTOL = 1e-5
-# Statistical tests accept |estimate - truth| <= Z standard errors. Z = 5 has a two-sided false-alarm rate of
-# ~6e-7 per check, and every test uses a fixed generator seed, so the outcome is deterministic anyway.
-Z = 5.0
-
-T_PAPER = 1000
-SCHEDULE = ddpm.make_schedule()  # the paper's: linear β from 1e-4 to 0.02, T = 1000
-
-
-def reference_betas(num_timesteps: int, beta_start: float, beta_end: float, kind: str) -> np.ndarray:
-    """β_t in float64, written independently of ddpm.py."""
-    if kind == "linear":  # paper §4
-        return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
-    # Nichol & Dhariwal eq. 17: ᾱ_t = f(t) / f(0), f(t) = cos²((t/T + s) / (1 + s) · π/2), β_t = 1 - ᾱ_t / ᾱ_{t-1},
-    # clipped at 0.999 (their §3.2). Here t runs 0..T and ddpm's β[t] is their β_{t+1}.
-    s = 0.008
-    f = [math.cos((t / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2 for t in range(num_timesteps + 1)]
-    return np.array([min(1 - f[t + 1] / f[t], 0.999) for t in range(num_timesteps)])
-
-
-def cumprod_prev(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ᾱ_t, ᾱ_{t-1}) in float64, with ᾱ before the first step = 1."""
-    ac = np.cumprod(1.0 - betas)
-    return ac, np.concatenate([[1.0], ac[:-1]])
-
-
-REF_AC = cumprod_prev(reference_betas(T_PAPER, 1e-4, 0.02, "linear"))[0]
 
 
 def reference_taus(num_timesteps: int, steps: int) -> list[int]:
@@ -48,11 +24,6 @@ def reference_taus(num_timesteps: int, steps: int) -> list[int]:
     if steps == 1:
         return [num_timesteps - 1]
     return [round(i * (num_timesteps - 1) / (steps - 1)) for i in range(steps)]
-
-
-def toy_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """An ε-predictor that depends on both x_t and t, so that other draws of either give other results."""
-    return 0.5 * x_t + torch.sin(t.to(x_t.dtype)).reshape(-1, *[1] * (x_t.ndim - 1))
 
 
 def as_f64(x: torch.Tensor) -> np.ndarray:
@@ -499,16 +470,8 @@ def test_sample_draws_gaussian_initial_noise():
 # For data x0 ~ N(μ, s²) per pixel, x_t ~ N(√ᾱ_t μ, ᾱ_t s² + 1 - ᾱ_t) and the exact ε-predictor is
 # E[ε | x_t] = √(1 - ᾱ_t) (x_t - √ᾱ_t μ) / (ᾱ_t s² + 1 - ᾱ_t). With it and clip=False each step of the sampler is
 # x' = a x + b + σ z, so its output is exactly N(m, v), by a recursion from x_T ~ N(0, 1). Everything below is
-# computed in float64 from the paper's formulas, not from ddpm.py.
-
-MU, S = 0.2, 0.3
-ORACLE_SHAPE = (313, 1, 8, 8)  # 20,032 scalars, independent: the model and the noise act per pixel
-
-
-def exact_eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """E[ε | x_t] for x0 ~ N(MU, S²); t are original timestep indices."""
-    ac = torch.from_numpy(REF_AC)[t].reshape(-1, *[1] * (x.ndim - 1))
-    return ((1 - ac).sqrt() * (x.double() - ac.sqrt() * MU) / (ac * S ** 2 + 1 - ac)).to(x.dtype)
+# computed in float64 from the paper's formulas, not from ddpm.py (the oracle's parts that test_samplers.py shares
+# are in helpers.py: MU, S, ORACLE_SHAPE, exact_eps_model, clamped_normal_moments, is_within_oracle).
 
 
 def sampler_law(steps: int, variance: str) -> tuple[float, float]:
@@ -528,31 +491,9 @@ def sampler_law(steps: int, variance: str) -> tuple[float, float]:
     return m, v
 
 
-def clamped_normal_moments(m: float, v: float, lo: float = -1.0, hi: float = 1.0) -> tuple[float, float]:
-    """Mean and variance of clamp(X, lo, hi) for X ~ N(m, v): ddpm.sample clamps its output to [-1, 1]."""
-    sd = math.sqrt(v)
-    a, b = (lo - m) / sd, (hi - m) / sd
-    pdf = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
-    cdf = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
-    inside = cdf(b) - cdf(a)
-    mean = lo * cdf(a) + hi * (1 - cdf(b)) + m * inside + sd * (pdf(a) - pdf(b))
-    second = (lo ** 2 * cdf(a) + hi ** 2 * (1 - cdf(b)) + (m * m + v) * inside + 2 * m * sd * (pdf(a) - pdf(b))
-              + v * (a * pdf(a) - b * pdf(b)))
-    return mean, second - mean ** 2
-
-
 def oracle_run(schedule: ddpm.Schedule, steps: int, variance: str) -> torch.Tensor:
     return ddpm.sample(schedule, exact_eps_model, ORACLE_SHAPE, steps=steps, variance=variance, clip=False,
                        generator=torch.Generator().manual_seed(0)).double()
-
-
-def is_within_oracle(samples: torch.Tensor, law: tuple[float, float], z: float = Z) -> bool:
-    """Sample mean and variance within z standard errors of the clamped law: √(v/n) for the mean, v √(2/(n-1))
-    for the variance (the Gaussian value; clamping lowers the fourth moment, so this is conservative)."""
-    mean, var = clamped_normal_moments(*law)
-    n = samples.numel()
-    return (abs(samples.mean().item() - mean) <= z * math.sqrt(var / n)
-            and abs(samples.var().item() - var) <= z * var * math.sqrt(2 / (n - 1)))
 
 
 def test_oracle_is_near_the_data_at_T_steps_and_not_at_50():

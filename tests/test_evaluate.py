@@ -14,12 +14,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import config
 import evaluate as ev
 import sample
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from helpers import TINY_MODEL, one_error_line, overrides, require
-from unet import UNet
+from checkpoint import load_checkpoint, model_from_checkpoint
+from helpers import TinyExtractor, make_checkpoint, one_error_line, require
 
 KEYS = {"fid", "is_mean", "is_std", "num_samples", "steps", "variance", "seed", "checkpoint_step",
         "comparable_with_paper", "note"}
@@ -153,26 +151,6 @@ def test_inception_score_matches_torch_fidelity() -> None:
 
 # ---------------------------------------------------------------- the evaluation, with a small extractor
 
-class TinyExtractor:
-    """A fixed random conv net (its weights from a seeded generator): uint8 (B, 3, H, W) -> 16 pooled features
-    and 10 logits, in float64. Counts the images it has seen."""
-
-    def __init__(self, name: str = "tiny", seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.w1 = torch.randn(8, 3, 3, 3, generator=g, dtype=torch.float64) / 5
-        self.w2 = torch.randn(16, 8, 3, 3, generator=g, dtype=torch.float64) / 8
-        self.fc = torch.randn(16, 10, generator=g, dtype=torch.float64)
-        self.name, self.seen = name, 0
-
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3, images.shape
-        self.seen += len(images)
-        x = images.double() / 127.5 - 1.0
-        h = F.relu(F.conv2d(F.relu(F.conv2d(x, self.w1, stride=2)), self.w2, stride=2))
-        pool = h.mean(dim=(2, 3))
-        return pool, pool @ self.fc * 4
-
-
 def smooth_images(n: int, seed: int, channels: int = 3) -> torch.Tensor:
     """Image-like uint8 (n, C, 32, 32): random 4x4 colour fields upsampled."""
     g = torch.Generator().manual_seed(seed)
@@ -202,24 +180,6 @@ def test_grayscale_is_repeated_to_rgb() -> None:
     pool3, logits3 = ev.extract_features(gray.repeat(1, 3, 1, 1), ext, batch_size=12)
     assert pool.shape == (12, 16) and logits.shape == (12, 10)
     assert np.allclose(pool, pool3) and np.allclose(logits, logits3)
-
-
-UNET_ARGS = {**{key.split(".")[1]: value for key, value in TINY_MODEL.items()}, "in_channels": 3, "dropout": 0.0,
-             "image_size": 32}  # the tiny end-to-end model, as a checkpoint's model_args
-
-
-def make_checkpoint(path: Path, *, seed: int = 0, step: int = 100, num_timesteps: int = 20) -> Path:
-    """A tiny checkpoint in train.py's format, made without train.py."""
-    torch.manual_seed(seed)
-    model = UNet(**UNET_ARGS)
-    with torch.no_grad():  # the output layer starts at zero: make the samples depend on the weights
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    cfg = config.to_dict(config.load_config(None, overrides(
-        {**TINY_MODEL, "model.dropout": 0.0, "diffusion.num_timesteps": num_timesteps})))
-    save_checkpoint(path, {"model": model.state_dict(), "ema": model.state_dict(), "optimizer": {}, "step": step,
-                           "epoch": 1, "config": cfg, "model_args": dict(UNET_ARGS)})
-    return path
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,9 @@ import ddpm
 import evaluate as ev
 import sample
 import train
-from helpers import TINY, decode_png, one_error_line, tiny_config
-from test_ddpm import (MU, REF_AC, S, SCHEDULE, T_PAPER, Z, clamped_normal_moments, exact_eps_model, is_within_oracle,
-                       toy_model)
-from test_evaluate import TinyExtractor, make_checkpoint
-from test_train import REF, assert_same_training, cifar, copy_run, tiny_run, workdir  # noqa: F401 (fixtures)
+from helpers import (MU, ORACLE_SHAPE, REF_AC, SCHEDULE, T_PAPER, Z, S, TinyExtractor, assert_same_training,
+                     clamped_normal_moments, decode_png, exact_eps_model, is_within_oracle, make_checkpoint,
+                     one_error_line, tiny_config, toy_model)
 
 F64 = torch.float64
 SPACING_OF_DIFFUSERS = {"leading": "leading", "trailing": "trailing", "linspace": "uniform"}
@@ -141,7 +140,7 @@ def test_ddim_sample_equals_a_diffusers_loop() -> None:
 
 # ----------------------------------------------------------------------------------- the Gaussian oracle
 #
-# For x_0 ~ N(MU, S²) per dimension the exact ε-prediction is affine in x_t (test_ddpm.exact_eps_model), so each
+# For x_0 ~ N(MU, S²) per dimension the exact ε-prediction is affine in x_t (helpers.exact_eps_model), so each
 # DDIM step is x' = a x + b + σ z, written here from eq. 12 and 16 in float64: η = 0 maps x_T to A x_T + B exactly,
 # and any η gives the law N(m, v) by the recursion m' = a m + b, v' = a² v + σ².
 
@@ -159,9 +158,6 @@ def ddim_law(taus: list[int], eta: float) -> tuple[float, float, float]:
         a, b = mean_step(1.0) - mean_step(0.0), mean_step(0.0)
         A, m, v = a * A, a * m + b, a * a * v + sigma ** 2
     return A, m, v
-
-
-ORACLE_SHAPE = (313, 1, 8, 8)  # 20,032 independent scalars
 
 
 def ddim_oracle_run(steps: int, eta: float, spacing: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,16 +404,26 @@ def test_config_diff_lets_sample_settings_change_on_resume() -> None:
     assert train.config_diff(now, config.to_dict(tiny_config(**{"train.lr": 5e-4}))) == ["train.lr"]
 
 
-def test_an_old_checkpoint_resumes_under_the_new_defaults(tiny_run, workdir: Path) -> None:
-    """A 1-epoch run whose checkpoint carries the old config goes on to 3 epochs with today's settings and ends
-    bitwise where a straight 3-epoch run ends (the sample settings do not touch training)."""
-    out = copy_run(tiny_run(), workdir)
+def test_an_old_checkpoint_resumes_under_the_new_defaults(workdir: Path, monkeypatch) -> None:
+    """A 1-epoch run whose checkpoint carries the old config goes on to 3 epochs with today's settings (training
+    only the 2 missing epochs) and ends bitwise where a straight 3-epoch run ends (the sample settings do not touch
+    training)."""
+    three_epochs = tiny_config(**{"train.epochs": 3})
+    out = Path(three_epochs.out_dir)
+    train.train(three_epochs, progress=False)
+    straight = checkpoint.load_checkpoint(out / "checkpoint.pt")
+    steps_per_epoch = straight["step"] // 3
+    shutil.rmtree(out)
+    train.train(tiny_config(), progress=False)  # 1 epoch, into the same out_dir
     state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
     state["config"] = old_config(state["config"])
     torch.save(state, out / "checkpoint.pt")
-    train.train(tiny_config(**REF), progress=False)
-    resumed = checkpoint.load_checkpoint(out / "checkpoint.pt")
-    assert_same_training(resumed, tiny_run(**REF).state)
+    steps, real_step = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    train.train(three_epochs, progress=False)
+    assert len(steps) == 2 * steps_per_epoch  # resumed, not started over
+    assert_same_training(checkpoint.load_checkpoint(out / "checkpoint.pt"), straight)
 
 
 def test_training_grids_use_the_configs_sampler(workdir: Path) -> None:

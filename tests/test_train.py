@@ -62,14 +62,6 @@ def fmnist(tmp_path_factory) -> Path:
     return data.prepare(config.Data(dataset="fashion-mnist", source=str(base / "idx")), out_root=base, progress=False)
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch, cifar: Path) -> Path:
-    """An empty working folder with data/cifar10 linked in, as the cwd."""
-    link_datasets(tmp_path, {"cifar10": cifar})
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 @contextlib.contextmanager
 def wandb_unimportable():
     """`import wandb` raises ImportError inside (sys.modules holds None for it), as if wandb were not installed."""
