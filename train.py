@@ -441,9 +441,9 @@ def end_epoch(cfg, epoch, step, sums, history, ema, schedule, held, held_t, held
     logs = {"epoch/loss": row["loss"], "epoch/ema_loss": ema_loss, "epoch": epoch + 1}
     every = cfg.sample.every_epochs
     if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):
-        sc = cfg.sample
+        sc = cfg.sample  # the same noise every epoch, so that the grids show the model's progress
         images = generate(ema, schedule, sc.num_images, steps=sc.steps, variance=sc.variance, clip=sc.clip,
-                          sampler=sc.sampler, eta=sc.eta, spacing=sc.spacing, seed=derive_seed(cfg.seed, 3, epoch),
+                          sampler=sc.sampler, eta=sc.eta, spacing=sc.spacing, seed=derive_seed(cfg.seed, 3),
                           device=device, progress=False)
         save_grid(images, out / "samples" / f"epoch_{epoch + 1:03d}.png")
         if run is not None:
