@@ -41,6 +41,7 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset
 FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 FMNIST_HINT = "apt-get install dataset-fashion-mnist, or set data.source to a folder holding the four IDX files"
+OFFLINE_RECIPE = "python train.py --config configs/fashion-mnist-cpu.yaml"  # what works with no network
 
 
 class DataError(Exception):
@@ -78,8 +79,9 @@ def _local_path(source: str) -> Path | None:
     return Path(source).expanduser()
 
 
-def _fetch(source: str, cache: Path, md5: str, hint: str = "") -> Path:
-    """A local file with the expected md5: `source` itself (path or file://) or its http(s) download at `cache`."""
+def _fetch(source: str, cache: Path, md5: str, hint: str = "", offline: str = "") -> Path:
+    """A local file with the expected md5: `source` itself (path or file://) or its http(s) download at `cache`.
+    `hint` follows a wrong checksum, `offline` a failed download."""
     from torchvision.datasets.utils import check_integrity, download_url
     path = _local_path(source)
     if path is not None:
@@ -93,7 +95,7 @@ def _fetch(source: str, cache: Path, md5: str, hint: str = "") -> Path:
             os.replace(part, cache)
         except (urllib.error.URLError, OSError, RuntimeError, ValueError) as e:  # download_url's failures
             raise DataError(f"cannot download {source} ({getattr(e, 'reason', None) or e}); no network? "
-                            "fetch the file elsewhere and set data.source to its path") from None
+                            f"fetch the file elsewhere and set data.source to its path{offline}") from None
         finally:
             part.unlink(missing_ok=True)
     return cache
@@ -306,7 +308,8 @@ def prepare(cfg: config.Data, out_root: str | Path = "data", progress: bool = Tr
         if _is_current(target, source_md5):
             return target
         hint = " (set data.md5 if it is another archive on purpose)"
-        arrays = _read_cifar(_fetch(source, Path(cfg.root) / CIFAR_ARCHIVE, md5, hint), progress)
+        offline = f"; or train offline on Fashion-MNIST: {OFFLINE_RECIPE}"
+        arrays = _read_cifar(_fetch(source, Path(cfg.root) / CIFAR_ARCHIVE, md5, hint, offline), progress)
     elif cfg.dataset == "fashion-mnist":
         folder = _fmnist_folder(cfg)
         files = _fmnist_files(folder)

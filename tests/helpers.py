@@ -115,7 +115,8 @@ def md5_of(path: Path) -> str:
 
 def make_cifar_archive(path: Path, *, seed: int = 0, n: int = 6, omit: str = "",
                        extra: tuple[tuple[str, bytes], ...] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """A CIFAR-10-format tar.gz of random images, n per train batch; returns the (N, 3072) train and test rows."""
+    """A CIFAR-10-format tar.gz of random images, n per train batch; returns the (N, 3072) train and test rows. Each
+    image's label is its first byte mod 10."""
     rng = np.random.default_rng(seed)
     rows = {f"data_batch_{i}": rng.integers(0, 256, (n, 3072), dtype=np.uint8) for i in range(1, 6)}
     rows["test_batch"] = rng.integers(0, 256, (n + 4, 3072), dtype=np.uint8)
@@ -130,7 +131,7 @@ def make_cifar_archive(path: Path, *, seed: int = 0, n: int = 6, omit: str = "",
         for name, x in rows.items():
             if name == omit:
                 continue
-            blob = pickle.dumps({b"batch_label": name.encode(), b"labels": rng.integers(0, 10, len(x)).tolist(),
+            blob = pickle.dumps({b"batch_label": name.encode(), b"labels": (x[:, 0] % 10).tolist(),  # label: 1st byte
                                  b"data": x, b"filenames": [b"img%d.png" % i for i in range(len(x))]}, protocol=3)
             if name == "data_batch_1":  # the real archive's pickles were written by numpy < 2, with this name
                 assert b"cnumpy._core.multiarray\n" in blob

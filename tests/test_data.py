@@ -20,7 +20,7 @@ import config
 import data
 from data import BatchIterator, DataError
 from ddpm import to_uint8
-from helpers import RunsCode, make_cifar_archive, md5_of, one_error_line, run_cli, write_config
+from helpers import ROOT, RunsCode, make_cifar_archive, md5_of, one_error_line, run_cli, write_config
 
 
 # ---------------------------------------------------------------- helpers
@@ -68,6 +68,10 @@ def test_cifar_archive_decodes_to_nchw(cifar, tmp_path: Path, as_url: bool) -> N
     assert train.shape == (30, 3, 32, 32) and test.shape == (10, 3, 32, 32)
     np.testing.assert_array_equal(train, planes(train_rows))
     np.testing.assert_array_equal(test, planes(test_rows))
+    for split, rows in (("train", train_rows), ("test", test_rows)):  # one class label per image, in order
+        labels = np.load(out / f"{split}_labels.npy")
+        assert labels.dtype == np.uint8 and np.array_equal(labels, rows[:, 0] % 10)
+        assert torch.equal(data.load_labels(out / f"{split}.npy"), torch.from_numpy(labels))
     # One pixel by hand, at row 3, column 29 of image 7: its R, G, B values lie 1024 apart in the flat row.
     rgb = [int(train_rows[7, c * 1024 + 3 * 32 + 29]) for c in range(3)]
     assert len(set(rgb)) == 3 and train[7, :, 3, 29].tolist() == rgb
@@ -150,6 +154,8 @@ def test_unreachable_url_exits_2(tmp_path: Path, monkeypatch, capsys) -> None:
     url = "http://127.0.0.1:9/x.tar.gz"  # the discard port: closed, so this fails at once and offline
     err = failing_main(tmp_path, monkeypatch, capsys, f"data.source={url}", "data.root=raw")
     assert f"cannot download {url}" in err and "no network?" in err
+    assert err.endswith("or train offline on Fashion-MNIST: python train.py --config configs/fashion-mnist-cpu.yaml")
+    assert (ROOT / "configs" / "fashion-mnist-cpu.yaml").is_file()  # the command it gives exists
     assert files_under(tmp_path) == [] and not (tmp_path / "data").exists()  # no partial download left
 
 
@@ -266,6 +272,10 @@ def test_fashion_mnist_from_the_debian_package(fmnist_real: Path) -> None:
         images = np.frombuffer(gzip.decompress(source.read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28)
         assert len(images) == n
         assert_padded(np.load(fmnist_real / f"{split}.npy", mmap_mode="r"), images)
+        labels = np.frombuffer(gzip.decompress((data.FMNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz").read_bytes()),
+                               np.uint8, offset=8)
+        assert np.array_equal(np.load(fmnist_real / f"{split}_labels.npy"), labels) and np.bincount(labels).tolist() \
+            == [n // 10] * 10  # Fashion-MNIST is balanced
     meta = yaml.safe_load((fmnist_real / "meta.json").read_text())
     assert meta["train_shape"] == [60000, 1, 32, 32] and meta["test_shape"] == [10000, 1, 32, 32]
     assert meta["source_md5"] == {p.name: md5_of(p) for p in data.FMNIST_DIR.glob("*-ubyte.gz")}
