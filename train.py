@@ -180,8 +180,8 @@ class Meter:
         return {"epoch": self.epoch.cpu(), "log": self.window.cpu(), "log_n": self.window_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"].to(self.epoch.device)
-        self.window = state["log"].to(self.window.device)
+        self.epoch = state["epoch"].to(self.epoch.device, copy=True)
+        self.window = state["log"].to(self.window.device, copy=True)
         self.window_steps = state["log_n"]
 
 
@@ -234,7 +234,7 @@ class TrainState:
         if self.noise.device.type == "cuda":
             torch.cuda.set_rng_state(saved["rng"]["cuda"], self.noise.device)
         self.meter.load_state_dict(saved["sums"])
-        self.step, self.history = saved["step"], saved["history"]
+        self.step, self.history = saved["step"], list(saved["history"])
         self.wall_before, self.wandb_id = saved["wall_time_s"], saved["wandb_id"]
 
 
