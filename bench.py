@@ -12,7 +12,6 @@ benchmark-only dependency (requirements-bench.txt); without it the diffusers row
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -25,8 +24,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import config
 import data
 import ddpm
+import runtime
 import train
 from export import diffusers_config  # google/ddpm-cifar10-32's layout, which computes what our UNet computes
 from sample import fast_eps
@@ -68,27 +69,18 @@ def race(fns: dict[str, Callable[[], object]], warmup: int, rounds: int, device:
             for name in fns}
 
 
-def our_train_step(model_args: dict, device: torch.device, batch: int, *, amp_dtype: torch.dtype | None,
-                   channels_last: bool, compile: bool) -> Callable[[], object]:
-    """train.train_step set up as train.train() sets it up (optimizer, memory format, compile)."""
-    torch.manual_seed(0)
-    model = UNet(**model_args).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    opt = torch.optim.Adam(model.parameters(), lr=LR, **fast)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if compile else model
-    schedule = ddpm.make_schedule().to(device)
+def our_train_step(model_args: dict, device: torch.device, batch: int, *, precision: str, channels_last: bool,
+                   compile: bool) -> Callable[[], object]:
+    """train.train_step on what train.build() makes (as train() does), with these fast-path settings."""
+    cfg = config.Config(train=config.Train(lr=LR, grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, precision=precision,
+                                           channels_last=channels_last, compile=compile))
+    parts = train.build(cfg, model_args, device)
     x = torch.rand(batch, 3, model_args["image_size"], model_args["image_size"], device=device) * 2 - 1
     gen = torch.Generator(device).manual_seed(0)
 
     def step():
-        t, noise = ddpm.draw_t_noise(schedule, x.shape, generator=gen, device=device)
-        xb = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        return train.train_step(net, model, ema, opt, scaler, schedule, xb, t, noise, lr=LR, grad_clip=GRAD_CLIP,
-                                ema_decay=EMA_DECAY, amp_dtype=amp_dtype)
+        t, noise = ddpm.draw_t_noise(parts.schedule, x.shape, generator=gen, device=device)
+        return train.train_step(parts, x, t, noise, lr=LR)
     return step
 
 
@@ -219,8 +211,7 @@ def versions() -> dict:
 
 
 def bench(args: argparse.Namespace) -> dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = runtime.resolve_device(args.device)
     cuda = device.type == "cuda"
     torch.set_num_threads(args.threads)
     model_args = TINY if args.quick else PAPER
@@ -233,7 +224,6 @@ def bench(args: argparse.Namespace) -> dict:
     # and ran no faster.
     compile_train = args.compile == "on" or (args.compile == "auto" and cuda)
     compile_sample = args.compile == "on" or (args.compile == "auto" and (cuda or not args.quick))
-    bf16 = torch.bfloat16
     try:
         import diffusers  # noqa: F401
         have_diffusers, skipped = True, None
@@ -254,11 +244,12 @@ def bench(args: argparse.Namespace) -> dict:
     log(f"parameters: ours {ours:,}, diffusers {theirs if theirs is None else f'{theirs:,}'}")
 
     # Training: our fp32 eager step, the fast candidates (the best one is "fast"), diffusers' fp32 eager step.
-    fast = {"bf16": dict(amp_dtype=bf16, channels_last=False, compile=False),
-            "bf16+cl": dict(amp_dtype=bf16, channels_last=True, compile=False)}
+    fast = {"bf16": dict(precision="bf16", channels_last=False, compile=False),
+            "bf16+cl": dict(precision="bf16", channels_last=True, compile=False)}
     if compile_train:
-        fast["bf16+cl+compile"] = dict(amp_dtype=bf16, channels_last=True, compile=True)
-    steps = {"ours fp32": our_train_step(model_args, device, batch, amp_dtype=None, channels_last=False, compile=False)}
+        fast["bf16+cl+compile"] = dict(precision="bf16", channels_last=True, compile=True)
+    steps = {"ours fp32": our_train_step(model_args, device, batch, precision="fp32", channels_last=False,
+                                         compile=False)}
     steps.update({f"ours {k}": our_train_step(model_args, device, batch, **v) for k, v in fast.items()})
     if have_diffusers:
         steps["diffusers fp32"] = diffusers_train_step(model_args, device, batch)
@@ -286,6 +277,7 @@ def bench(args: argparse.Namespace) -> dict:
 
     # Sampling: image-steps/s of both loops, and the time for 256 images x 1000 steps (measured at CUDA's defaults,
     # else extrapolated).
+    bf16 = runtime.amp_dtype("bf16")
     s_fast = {"bf16+cl": dict(amp_dtype=bf16, channels_last=True, compile=False)}
     if compile_sample:
         s_fast["bf16+cl+compile"] = dict(amp_dtype=bf16, channels_last=True, compile=True)
@@ -373,6 +365,10 @@ def main(argv: list[str] | None = None) -> None:
                         "(not with --quick); on = both everywhere")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
+    try:
+        runtime.resolve_device(args.device)
+    except ValueError as e:
+        p.error(f"--device {e}")
     result = bench(args)
     print(table(result))
     with open(args.out, "w") as f:

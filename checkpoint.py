@@ -18,6 +18,9 @@ import torch
 from torch import Tensor
 
 FORMAT = 1  # bump when the checkpoint layout changes
+# What every reader needs (sample.py, evaluate.py, export.py): the weights and what rebuilds the model. A resume
+# needs all that train.TrainState.snapshot() writes, and TrainState.restore() checks for it.
+REQUIRED = frozenset({"model", "ema", "optimizer", "config", "model_args", "step", "epoch"})
 
 
 class CheckpointError(Exception):
@@ -88,7 +91,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project (format "
                               f"{state.get('format') if isinstance(state, dict) else '?'}, expected {FORMAT}) {how}")
-    missing = {"model", "ema", "optimizer", "config", "model_args", "step", "epoch"} - state.keys()
+    missing = REQUIRED - state.keys()
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {sorted(missing)} {how}")
     return state

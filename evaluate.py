@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 import ddpm
+import runtime
 import sample
 from checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint, write_json
 
@@ -376,7 +377,7 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
     shown_variance = variance if sampler == "ddpm" else None
     spacing = spacing if steps < schedule.num_timesteps else "uniform"
     try:
-        device = sample.resolve_device(device)
+        device = runtime.resolve_device(device)
     except ValueError as e:
         raise ValueError(f"--device {e}") from None
     if features not in ("inception", "fashion-mnist"):

@@ -123,10 +123,12 @@ def _diffusers() -> Iterator[Any]:
 
 
 def scheduler_config(cfg: Mapping[str, Any]) -> dict:
-    """The DDPMScheduler settings of a run's config: T, the β range and schedule, its sampler's σ² and clipping."""
+    """The DDPMScheduler settings of a run's config: T, the β range and schedule, its sampler's σ² and clipping.
+    σ² "auto" is what it is at all T steps, the pipeline's default (β: fixed_large)."""
     d, s = cfg["diffusion"], cfg["sample"]
+    variance = ddpm.resolve_variance(s["variance"], None, d["num_timesteps"])
     return dict(num_train_timesteps=d["num_timesteps"], beta_start=d["beta_start"], beta_end=d["beta_end"],
-                beta_schedule=_BETA_SCHEDULES[d["schedule"]], variance_type=_VARIANCES[s["variance"]],
+                beta_schedule=_BETA_SCHEDULES[d["schedule"]], variance_type=_VARIANCES[variance],
                 clip_sample=s["clip"], prediction_type="epsilon")
 
 

@@ -17,34 +17,12 @@ from torch import Tensor
 import ddpm
 from checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint, save_grid
 from config import Sample
+from runtime import amp_dtype, resolve_device, resolve_precision, use_channels_last
 
 
 def schedule_from_config(cfg: dict) -> ddpm.Schedule:
     d = cfg["diffusion"]
     return ddpm.make_schedule(d["num_timesteps"], d["beta_start"], d["beta_end"], d["schedule"])
-
-
-def resolve_device(spec: str | torch.device) -> torch.device:
-    """"auto" -> cuda when there is one, else cpu; a CUDA device that is not there is a ValueError."""
-    if str(spec) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"{spec!r}: expected auto, cpu, cuda or cuda:N") from None
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and not count:
-        raise ValueError(f"{spec!r} but no CUDA device is available")
-    if device.type == "cuda" and (device.index or 0) >= count:
-        raise ValueError(f"{spec}: no such CUDA device ({count} available)")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 autocast on GPUs that have it (the fast path), fp32 elsewhere (exact, bitwise reproducible)."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def fast_eps(model: torch.nn.Module, device: torch.device, *, amp_dtype: torch.dtype | None, channels_last: bool,
@@ -75,9 +53,9 @@ def generate(model: torch.nn.Module, schedule: ddpm.Schedule, num_images: int, *
     `steps`, `variance` and `clip` are ddpm.sample's."""
     device = torch.device(device)
     schedule = schedule.to(device)
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
-    eps = fast_eps(model, device, amp_dtype=amp_dtype, channels_last=amp_dtype is not None or device.type == "cuda",
-                   compile=compile) if amp_dtype is not None or compile else model
+    dtype = amp_dtype(precision)
+    eps = fast_eps(model, device, amp_dtype=dtype, channels_last=use_channels_last("auto", device, precision),
+                   compile=compile) if dtype is not None or compile else model
     shape = (model.in_channels, model.image_size, model.image_size)
     out = []
     for k, start in enumerate(range(0, num_images, batch_size)):
@@ -156,10 +134,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.steps is not None and not 1 <= args.steps <= schedule.num_timesteps:
             raise ValueError(f"--steps must be in [1, {schedule.num_timesteps}], got {args.steps}")
         check_sampler_flags(args.sampler, args.eta, args.spacing, args.variance)
+        try:
+            precision = resolve_precision(args.precision, device)
+        except ValueError as e:
+            raise ValueError(f"--precision {e}") from None
     except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    precision = resolve_precision(args.precision, device)
     images = generate(model, schedule, args.num_images, batch_size=args.batch_size, steps=args.steps,
                       variance=args.variance, clip=not args.no_clip, seed=args.seed, device=device, progress=True,
                       precision=precision, compile=args.compile, sampler=args.sampler, eta=args.eta,

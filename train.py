@@ -5,6 +5,9 @@
 
 Running the same command again resumes from `<out_dir>/checkpoint.pt`, bitwise identical (CPU) to a run
 that was never interrupted. `train(config)` is the function; `main()` only parses arguments.
+
+The shape: `prepare()` makes every check and builds everything (`build()`: the model and what a step updates;
+`TrainState`: everything a checkpoint holds); `run_epochs()` is the loop; `end_epoch()` its per-epoch records.
 """
 from __future__ import annotations
 
@@ -17,31 +20,35 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.distributed as torch_dist
 import yaml
 from torch import Tensor
 
 import data
 import ddpm
+import runtime
 from checkpoint import model_args as checkpoint_model_args
 from checkpoint import (CheckpointError, atomic_write, image_grid, load_checkpoint, remove_stale_temps,
                         save_checkpoint, save_grid, write_json)
 from config import Config, ConfigError, cli, fail, flatten, from_dict, resumable_keys, to_dict
-from sample import generate, resolve_precision, schedule_from_config
-from sample import resolve_device as resolve_device_spec
+from runtime import Dist, derive_seed
+from sample import generate, schedule_from_config
 from unet import UNet
 
 HISTORY_FIELDS = ["epoch", "step", "loss", "ema_loss", "lr", "images_per_sec", "wall_time_s", "fid", "class_coverage",
                   "fid_time_s"]  # the last three only in epochs with eval.every_epochs
+OUTPUTS = ("checkpoint.pt", "metrics.json", "history.csv", "samples")  # what --fresh removes
 
 
 class TrainError(Exception):
     """A failure during training (non-finite loss, disk full); one line, exit status 1."""
 
+
+# ---------------------------------------------------------------- the step
 
 def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     """Linear warmup (paper, Appendix B) over the first `warmup_steps` steps, then constant."""
@@ -54,74 +61,211 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
-def train_step(net: torch.nn.Module, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, schedule: ddpm.Schedule, x: Tensor, t: Tensor, noise: Tensor, *,
-               lr: float, grad_clip: float | None, ema_decay: float, amp_dtype: torch.dtype | None = None,
-               weight: float = 1.0) -> tuple[Tensor, Tensor]:
-    """One optimizer step of Algorithm 1 on (x, t, noise); returns (loss, grad norm) as device tensors
-    (no host sync). `net` is `model` or its compiled / DDP wrapper; `weight` scales this process's loss
-    so DDP's gradient average equals the global batch's mean when shards are uneven."""
-    for g in opt.param_groups:
+@dataclass
+class Parts:
+    """What `build` makes: the model and everything a step updates, with the settings a step applies."""
+    model: UNet
+    ema: UNet
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: ddpm.Schedule
+    net: torch.nn.Module  # what the forward pass calls: `model`, or its DDP / compiled wrapper
+    precision: str  # resolved: fp32, bf16 or fp16
+    channels_last: bool
+    grad_clip: float | None
+    ema_decay: float
+
+
+def build(cfg: Config, unet_args: dict, device: torch.device, dist: Dist = Dist()) -> Parts:
+    """The UNet (initialised from random stream 0 of cfg.seed), its EMA copy, the optimizer, the loss scaler and
+    the schedule, in the precision and memory format `runtime` picks for `device`, with the DDP and compile
+    wrappers: what train() trains, bench.py times and the fast-path tests check. ConfigError if the UNet cannot
+    be built."""
+    tc = cfg.train
+    precision = runtime.resolve_precision(tc.precision, device)
+    torch.manual_seed(derive_seed(cfg.seed, 0))
+    try:
+        model = UNet(**unet_args).to(device)
+    except (RuntimeError, MemoryError) as e:  # e.g. model.channels=2**40: more weights than memory (or int64) holds
+        raise ConfigError(f"model: cannot build this UNet on {device} ({' '.join(str(e).split())[:160]})") from None
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if tc.optimizer == "adam":
+        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fast)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
+                              foreach=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    channels_last = runtime.use_channels_last(tc.channels_last, device, precision)
+    if channels_last:  # the EMA copy follows, so that its lerp is layout-aligned
+        model.to(memory_format=torch.channels_last)
+        ema.to(memory_format=torch.channels_last)
+    net: torch.nn.Module = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if runtime.use_compile(tc.compile, device):
+        net = torch.compile(net)
+    schedule = schedule_from_config(to_dict(cfg)).to(device)
+    return Parts(model, ema, opt, scaler, schedule, net, precision, channels_last, tc.grad_clip, tc.ema_decay)
+
+
+def train_step(p: Parts, x: Tensor, t: Tensor, noise: Tensor, *, lr: float, weight: float = 1.0) \
+        -> tuple[Tensor, Tensor]:
+    """One optimizer step of Algorithm 1 on (x, t, noise); returns (loss, grad norm) as device tensors (no host
+    sync). `weight` scales this process's loss so that DDP's gradient average is the global batch's mean when
+    the shards are uneven."""
+    for g in p.opt.param_groups:
         g["lr"] = lr
+    if p.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp_dtype = runtime.amp_dtype(p.precision)
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss = ddpm.loss(schedule, net, x, t=t, noise=noise)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss * weight).backward()
-    scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf, foreach=True)
-    scaler.step(opt)
-    scaler.update()
-    ema_update(ema, model, ema_decay)
+        loss = ddpm.loss(p.schedule, p.net, x, t=t, noise=noise)
+    p.opt.zero_grad(set_to_none=True)
+    p.scaler.scale(loss * weight).backward()
+    p.scaler.unscale_(p.opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip or math.inf, foreach=True)
+    p.scaler.step(p.opt)
+    p.scaler.update()
+    ema_update(p.ema, p.model, p.ema_decay)
     return loss.detach(), grad_norm
 
 
-def derive_seed(seed: int, stream: int, index: int = 0) -> int:
-    """Independent seeds for the run's random streams (0 init/dropout, 1 data, 2 noise, 3 samples, 4 eval)."""
-    return (seed * 1_000_003 + stream * 10_007 + index) % 2**63
+# ---------------------------------------------------------------- the state a checkpoint holds
+
+class Meter:
+    """On-device sums, read at the syncs only: the epoch's loss (history.csv), the log window's loss and steps
+    (train/loss), and the first step whose loss or gradient was not finite. A partial batch's loss counts by its
+    share of a full batch. Throughput is timed on the host."""
+
+    def __init__(self, device: torch.device, *, overflow_ok: bool = False):
+        self.epoch = torch.zeros((), device=device)
+        self.window = torch.zeros((), device=device)
+        self.window_steps, self.window_images, self.window_start = 0, 0, time.perf_counter()
+        self.bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        self.overflow_ok = overflow_ok  # fp16: an inf gradient only makes the scaler skip the step
+
+    def add(self, step: int, loss: Tensor, grad_norm: Tensor, *, rows: int, batch: int) -> None:
+        """Step `step` (0-based) took `rows` of a batch of `batch` images on this process."""
+        finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | self.overflow_ok)
+        self.bad_step = torch.where((self.bad_step < 0) & ~finite, step, self.bad_step)
+        contrib = loss * rows / batch
+        self.epoch += contrib
+        self.window += contrib
+        self.window_steps += 1
+        self.window_images += batch
+
+    def first_bad_step(self, dist: Dist) -> int | None:
+        """The first step (0-based) with a non-finite loss or gradient on any process, or None. A host sync."""
+        never = torch.iinfo(torch.long).max
+        first = int(dist.all_reduce(torch.where(self.bad_step < 0, never, self.bad_step), "min"))
+        return None if first == never else first
+
+    def read_window(self, dist: Dist) -> tuple[float, float]:
+        """(mean loss over the processes and steps of the window, images/s), and a new window. A host sync."""
+        now = time.perf_counter()
+        loss = float(dist.all_reduce(self.window)) / self.window_steps
+        rate = self.window_images / (now - self.window_start)
+        self.window.zero_()
+        self.window_steps, self.window_images, self.window_start = 0, 0, now
+        return loss, rate
+
+    def read_epoch(self, dist: Dist, steps: int) -> float:
+        """The epoch's mean loss over `steps` steps and all processes; the next epoch starts from 0. A host sync."""
+        loss = float(dist.all_reduce(self.epoch)) / max(steps, 1)
+        self.epoch.zero_()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch.cpu(), "log": self.window.cpu(), "log_n": self.window_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"].to(self.epoch.device, copy=True)
+        self.window = state["log"].to(self.window.device, copy=True)
+        self.window_steps = state["log_n"]
 
 
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds. `snapshot()` and `restore()` below are the one list of it, side by side;
+    `identity` (config, model_args, device_type, data_id) is written for the checks a resume makes in
+    `prepare()` and for sample.py, and is not restored."""
+    parts: Parts
+    batches: data.BatchIterator
+    noise: torch.Generator  # t and ε of Algorithm 1
+    meter: Meter
+    identity: dict
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    wall_before: float = 0.0  # seconds trained by earlier processes of this run
+    wandb_id: str | None = None
+    started: float = field(default_factory=time.perf_counter)
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+    def wall_time(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
+
+    def snapshot(self) -> dict:
+        p, device = self.parts, self.noise.device
+        return {"model": p.model.state_dict(), "ema": p.ema.state_dict(), "optimizer": p.opt.state_dict(),
+                "scaler": p.scaler.state_dict(), "data": self.batches.state_dict(), "epoch": self.batches.epoch,
+                "rng": {"torch": torch.get_rng_state(), "noise": self.noise.get_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0)},
+                "sums": self.meter.state_dict(), "step": self.step, "history": self.history,
+                "wall_time_s": self.wall_time(), "wandb_id": self.wandb_id, **self.identity}
+
+    def restore(self, saved: dict) -> None:
+        """Continue exactly where the state that wrote `saved` was ("epoch" is the data iterator's own). A
+        checkpoint that lacks what snapshot() writes, or does not fit the model, is a CheckpointError."""
+        missing = self.snapshot().keys() - saved.keys() - {"data_id"}  # data_id: not recorded by early versions
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {sorted(missing)}")
+        p = self.parts
+        try:
+            p.model.load_state_dict(saved["model"])
+            p.ema.load_state_dict(saved["ema"])
+            p.opt.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            reason = " ".join(str(e).split())[:200]  # the first line alone is just "Error(s) in loading state_dict"
+            raise CheckpointError(f"does not fit this model ({reason})") from None
+        p.scaler.load_state_dict(saved["scaler"])
+        self.batches.load_state_dict(saved["data"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        self.noise.set_state(saved["rng"]["noise"])
+        if self.noise.device.type == "cuda":
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], self.noise.device)
+        self.meter.load_state_dict(saved["sums"])
+        self.step, self.history = saved["step"], list(saved["history"])
+        self.wall_before, self.wandb_id = saved["wall_time_s"], saved["wandb_id"]
 
 
-def resolve_device(cfg: Config, dist: Dist) -> torch.device:
-    """The training device (one per local rank under torchrun), checked before anything is created."""
-    spec = cfg.device
-    if dist.world > 1 and spec != "cpu" and (spec != "auto" or torch.cuda.is_available()):
-        spec = f"cuda:{dist.local_rank}"
-    try:
-        device = resolve_device_spec(spec)
-    except ValueError as e:
-        raise ConfigError(f"device: {e} (use device=cpu)") from None
-    p = cfg.train.precision
-    if p == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision: fp16 needs a CUDA device (use fp32 or bf16)")
-    if p == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"train.precision: bf16 is not supported on {torch.cuda.get_device_name(device)}")
-    return device
+class Checkpointer:
+    """Writes state.snapshot() to `path` (rank 0), never with a non-finite loss behind it, and remembers the step
+    of the checkpoint on disk for the error messages."""
+
+    def __init__(self, path: Path, dist: Dist, step: int | None):
+        self.path, self.dist, self.step = path, dist, step
+
+    def kept(self) -> str:
+        return f"; {self.path} (step {self.step}) is kept" if self.step is not None else ""
+
+    def check_finite(self, state: TrainState) -> None:
+        """TrainError if a loss or gradient was not finite since the start. A host sync, on every process."""
+        bad = state.meter.first_bad_step(self.dist)
+        if bad is not None:
+            raise TrainError(f"non-finite loss or gradient at step {bad + 1}{self.kept()}; "
+                             f"lower train.lr, enable train.grad_clip, or use precision fp32")
+
+    def save(self, state: TrainState) -> None:
+        self.check_finite(state)
+        if self.dist.main:
+            try:
+                save_checkpoint(self.path, state.snapshot())
+            except OSError as e:
+                raise TrainError(f"could not write {self.path} ({e.strerror or e}){self.kept()}") from None
+        self.step = state.step
 
 
-def setup_dist(cfg: Config) -> Dist:
-    """A process group when launched by torchrun (its WORLD_SIZE > 1), else none."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {world} processes")
-    d = Dist(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
-    device = resolve_device(cfg, d)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return d
-
+# ---------------------------------------------------------------- set-up: every check before anything is written
 
 def config_diff(saved: dict, current: dict) -> list[str]:
     """Result-affecting keys whose values differ between a checkpoint's config and this run's. A key that the
@@ -143,31 +287,174 @@ def check_writable(out: Path) -> None:
         raise ConfigError(f"out_dir: {out} cannot be written ({parent} is not a writable folder)")
 
 
-class Stop:
-    """SIGINT/SIGTERM: finish the current step, checkpoint, exit 128 + signal. A second signal exits at once."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum:
-            os._exit(128 + signum)
-        self.signum = signum
-        from tqdm import tqdm  # its write() clears the progress bar first, so the message is not left next to it
-        tqdm.write(f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint (again to quit at "
-                   f"once)", file=sys.stderr)
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
+def start_processes(cfg: Config) -> tuple[Dist, torch.device]:
+    """This process's place in a torchrun launch and its device, checked (batch split, device, precision) before
+    the process group is set up, so that a refusal leaves no process waiting in it."""
+    dist = Dist.from_env()
+    if cfg.train.batch_size % dist.world:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {dist.world} processes")
+    try:
+        device = runtime.resolve_device(dist.device_spec(cfg.device))
+    except ValueError as e:
+        raise ConfigError(f"device: {e} (use device=cpu)") from None
+    try:
+        runtime.resolve_precision(cfg.train.precision, device)
+    except ValueError as e:
+        raise ConfigError(f"train.precision: {e}") from None
+    runtime.setup_dist(dist, device)
+    return dist, device
 
 
-def init_wandb(cfg: Config, out: Path, config_path: str | None, run_id: str | None):
-    """A wandb run for rank 0, or None when wandb.mode is disabled. wandb is imported only when on."""
-    mode = cfg.wandb.mode
-    if mode == "disabled":
+def load_images(cfg: Config, dist: Dist) -> tuple[Tensor, Path]:
+    """The training images (N, C, H, W) uint8, prepared by rank 0 if they are not yet, and their folder."""
+    if dist.main:
+        data.ensure_prepared(cfg.data)
+    dist.barrier()
+    data_dir = Path("data") / cfg.data.dataset
+    images = data.load_dataset(data_dir, cfg.data.subset)
+    batch = cfg.train.batch_size
+    if len(images) < batch:
+        raise ConfigError(f"data.subset: {len(images)} images are fewer than train.batch_size {batch}")
+    if 0 < len(images) % batch < dist.world:
+        raise ConfigError(f"data.subset: the last batch of {len(images) % batch} images cannot be split "
+                          f"over {dist.world} processes")
+    return images, data_dir
+
+
+def read_checkpoint(path: Path, cfg: Config, device: torch.device, data_dir: Path) -> dict:
+    """The checkpoint to resume from, if it was written with the same result-affecting settings, on the same kind
+    of device and from the same data."""
+    saved = load_checkpoint(path)
+    diff = config_diff(saved["config"], to_dict(cfg))
+    if diff:
+        raise ConfigError(f"{path} was written with different settings for {', '.join(diff)}: "
+                          f"pass --fresh to start over, or use another out_dir")
+    written_on = saved.get("device_type", "an unknown device")
+    if written_on != device.type:
+        raise ConfigError(f"device: {path} was written on {written_on}, this run is on {device.type}; "
+                          f"random streams differ, so resume on {written_on} or --fresh")
+    if saved.get("data_id") not in (None, data.dataset_id(data_dir)):  # None: written before it was recorded
+        raise ConfigError(f"data: {path} was trained on another dataset ({data_dir / 'meta.json'} is not "
+                          f"the one it recorded): pass --fresh to start over, or use another out_dir")
+    return saved
+
+
+def unet_args(cfg: Config, image_shape: tuple[int, ...], saved: dict | None) -> dict:
+    """The UNet's constructor arguments for images (C, H, W): the paper's layout (GroupNorm eps 1e-6, TF SAME
+    downsampling), or a resumed checkpoint's (legacy if written before the layout was recorded)."""
+    m = cfg.model
+    args = dict(in_channels=image_shape[0], channels=m.channels, channel_mult=list(m.channel_mult),
+                num_res_blocks=m.num_res_blocks, attn_resolutions=list(m.attn_resolutions), dropout=m.dropout,
+                image_size=image_shape[-1], norm_eps=1e-6, downsample_padding="tf_same")
+    if saved is not None:
+        layout = checkpoint_model_args(saved)
+        args.update(norm_eps=layout["norm_eps"], downsample_padding=layout["downsample_padding"])
+    return args
+
+
+def fid_scorer(cfg: Config, device: torch.device, dist: Dist, progress: bool) -> Callable | None:
+    """FID during training (eval.every_epochs), on rank 0: a function (EMA model, seed) -> scores, its feature
+    network and reference statistics made (and cached in data/fid_stats) now."""
+    if not cfg.eval.every_epochs or not dist.main:
         return None
+    from evaluate import EvalError, training_scorer
+    try:
+        return training_scorer(cfg, device, progress=progress)
+    except EvalError as e:
+        raise ConfigError(f"eval.every_epochs (set 0 to train without it): {e}") from None
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the loop reads and does not advance: the checked settings, where it runs, the held-out batch (EMA
+    loss), the FID scorer and the checkpointer."""
+    cfg: Config
+    dist: Dist
+    device: torch.device
+    out: Path
+    held: tuple[Tensor, Tensor, Tensor]  # x0, t, ε: the same every epoch, so the EMA loss compares across epochs
+    scorer: Callable | None
+    ckpt: Checkpointer
+
+
+def prepare(cfg: Config, *, fresh: bool = False, progress: bool = True) -> tuple[Setup, TrainState]:
+    """Every check a run makes, before it writes anything (but the prepared dataset): device and precision,
+    out_dir, the data, an existing checkpoint (readable, same settings, device type and data, fits the model), the
+    FID scorer's pieces; then the model, built and resumed. Raises ConfigError, CheckpointError, data.DataError."""
+    dist, device = start_processes(cfg)
+    out = Path(cfg.out_dir)
+    check_writable(out)
+    images, data_dir = load_images(cfg, dist)
+    path = out / "checkpoint.pt"
+    saved = read_checkpoint(path, cfg, device, data_dir) if path.exists() and not fresh else None
+    # Before build() seeds the model: the Fashion-MNIST feature classifier, when it is trained now, reseeds torch.
+    scorer = fid_scorer(cfg, device, dist, progress)
+    args = unet_args(cfg, tuple(images.shape[1:]), saved)
+    parts = build(cfg, args, device, dist)
+    identity = {"config": to_dict(cfg), "model_args": args, "device_type": device.type,
+                "data_id": data.dataset_id(data_dir)}
+    state = TrainState(parts, data.BatchIterator(images, cfg.train.batch_size, seed=derive_seed(cfg.seed, 1),
+                                                 device=device, random_flip=cfg.data.random_flip),
+                       torch.Generator(device).manual_seed(derive_seed(cfg.seed, 2)),
+                       Meter(device, overflow_ok=parts.precision == "fp16"), identity)
+    if saved is not None:
+        try:
+            state.restore(saved)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}; pass --fresh to start over") from None
+    held = ddpm.from_uint8(data.load_dataset(data_dir / "test.npy")[:256]).to(device)
+    held_t, held_noise = ddpm.draw_t_noise(parts.schedule, held.shape, device=device,
+                                           generator=torch.Generator(device).manual_seed(derive_seed(cfg.seed, 4)))
+    ckpt = Checkpointer(path, dist, saved["step"] if saved else None)
+    return Setup(cfg, dist, device, out, (held, held_t, held_noise), scorer, ckpt), state
+
+
+def create_outputs(out: Path, *, fresh: bool, cfg: Config) -> None:
+    """Rank 0's first writes: --fresh removes the old outputs; config.resolved.yaml; samples/ (a DVC out, even when
+    no grid is due); no temporary files left by a run killed mid-write."""
+    try:
+        if fresh:
+            for name in OUTPUTS:
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+        atomic_write(out / "config.resolved.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+        (out / "samples").mkdir(exist_ok=True)
+        for folder in (out, out / "samples"):
+            remove_stale_temps(folder)
+    except OSError as e:  # e.g. the disk is already full
+        raise TrainError(f"cannot write to {out} ({e.strerror or e})") from None
+
+
+# ---------------------------------------------------------------- logging and stopping
+
+class Logger:
+    """Scalars and images (uint8 (N, C, H, W) tensors, drawn as a grid) to a wandb run. Logger() has none and does
+    nothing, as on ranks other than 0 and with wandb.mode disabled: the loop logs unconditionally."""
+
+    def __init__(self, run=None):
+        self.run = run
+
+    @property
+    def id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def log(self, values: dict, step: int) -> None:
+        if self.run is None:
+            return
+        import wandb
+        self.run.log({k: wandb.Image(image_grid(v).numpy()) if isinstance(v, Tensor) and v.dtype == torch.uint8
+                      else v for k, v in values.items()}, step=step)
+
+    def finish(self, exit_code: int) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+
+
+def open_logger(cfg: Config, out: Path, *, main: bool, config_path: str | None, run_id: str | None) -> Logger:
+    """A wandb run for rank 0 (continuing `run_id` on a resume); a do-nothing Logger when wandb.mode is disabled or
+    on other ranks. wandb is imported only when on."""
+    mode = cfg.wandb.mode
+    if mode == "disabled" or not main:
+        return Logger()
     import wandb
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
@@ -181,7 +468,7 @@ def init_wandb(cfg: Config, out: Path, config_path: str | None, run_id: str | No
             artifact.add_file(config_path, name="config.yaml")
         artifact.add_file(str(out / "config.resolved.yaml"), name="config.resolved.yaml")
         run.log_artifact(artifact)
-    return run
+    return Logger(run)
 
 
 def _netrc_has_wandb() -> bool:
@@ -192,280 +479,129 @@ def _netrc_has_wandb() -> bool:
         return False
 
 
-def wandb_image(images: Tensor):
-    import wandb
-    return wandb.Image(image_grid(images).numpy())
+class Stop:
+    """SIGINT/SIGTERM: finish the current step, checkpoint, exit 128 + signal. A second signal exits at once.
+    A context manager: the previous handlers are back on leaving it."""
+
+    def __enter__(self) -> Stop:
+        self.signum = 0
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum:
+            os._exit(128 + signum)
+        self.signum = signum
+        from tqdm import tqdm  # its write() clears the progress bar first, so the message is not left next to it
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint (again to quit at "
+                   f"once)", file=sys.stderr)
+
+    def agreed(self, dist: Dist, at_sync: bool) -> int:
+        """The signal to stop for now, 0 for none. One process stops after the step the signal came in; processes
+        of a torchrun launch stop together, at a sync, for the largest signal any of them received: a signal that
+        reaches them at different steps cannot leave one saving and exiting while another waits in a collective."""
+        if dist.world == 1:
+            return self.signum
+        return dist.agree(self.signum) if at_sync else 0
 
 
-def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, progress: bool = True) -> dict:
-    """Train from `cfg`; returns the final metrics. Raises ConfigError, CheckpointError, data.DataError
-    (bad input, nothing created) or TrainError (a failure during training)."""
-    dist = setup_dist(cfg)
-    device = resolve_device(cfg, dist)
-    out, tc = Path(cfg.out_dir), cfg.train
-    ckpt_path = out / "checkpoint.pt"
-    check_writable(out)
-    if dist.main:
-        data_dir = data.ensure_prepared(cfg.data)
-    if dist.world > 1:
-        torch_dist.barrier()
-    data_dir = Path("data") / cfg.data.dataset
-    images = data.load_dataset(data_dir, cfg.data.subset)
-    data_id = data.dataset_id(data_dir)
-    if len(images) < tc.batch_size:
-        raise ConfigError(f"data.subset: {len(images)} images are fewer than train.batch_size {tc.batch_size}")
-    if 0 < len(images) % tc.batch_size < dist.world:
-        raise ConfigError(f"data.subset: the last batch of {len(images) % tc.batch_size} images cannot be split "
-                          f"over {dist.world} processes")
-    state = None
-    if ckpt_path.exists() and not fresh:
-        state = load_checkpoint(ckpt_path)
-        diff = config_diff(state["config"], to_dict(cfg))
-        if diff:
-            raise ConfigError(f"{ckpt_path} was written with different settings for {', '.join(diff)}: "
-                              f"pass --fresh to start over, or use another out_dir")
-        if state["device_type"] != device.type:
-            raise ConfigError(f"device: {ckpt_path} was written on {state['device_type']}, this run is on "
-                              f"{device.type}; random streams differ, so resume on {state['device_type']} or --fresh")
-        if state.get("data_id") not in (None, data_id):  # None: a checkpoint from before it was recorded
-            raise ConfigError(f"data: {ckpt_path} was trained on another dataset ({data_dir / 'meta.json'} is not "
-                              f"the one it recorded): pass --fresh to start over, or use another out_dir")
+# ---------------------------------------------------------------- the loop
 
-    torch.manual_seed(derive_seed(cfg.seed, 0))
-    model_args = dict(in_channels=images.shape[1], channels=cfg.model.channels,
-                      channel_mult=list(cfg.model.channel_mult), num_res_blocks=cfg.model.num_res_blocks,
-                      attn_resolutions=list(cfg.model.attn_resolutions), dropout=cfg.model.dropout,
-                      image_size=images.shape[-1], norm_eps=1e-6, downsample_padding="tf_same")  # the paper's layout
-    if state is not None:  # resume in the layout it was trained with (legacy if written before it was recorded)
-        saved = checkpoint_model_args(state)
-        model_args.update(norm_eps=saved["norm_eps"], downsample_padding=saved["downsample_padding"])
-    try:
-        model = UNet(**model_args).to(device)
-    except (RuntimeError, MemoryError) as e:  # e.g. model.channels=2**40: more weights than memory (or int64) holds
-        raise ConfigError(f"model: cannot build this UNet on {device} ({' '.join(str(e).split())[:160]})") from None
-    scorer = None  # FID during training; its feature network and reference statistics are cached in data/fid_stats
-    if cfg.eval.every_epochs and dist.main:
-        from evaluate import EvalError, training_scorer
-        try:
-            scorer = training_scorer(cfg, device, progress=progress)
-        except EvalError as e:
-            raise ConfigError(f"eval.every_epochs (set 0 to train without it): {e}") from None
-
-    # Everything is checked: from here on the run creates things.
-    if dist.main:
-        try:
-            if fresh:
-                for name in ("checkpoint.pt", "metrics.json", "history.csv", "samples"):
-                    shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
-            atomic_write(out / "config.resolved.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
-            (out / "samples").mkdir(exist_ok=True)  # a DVC out, even when no grid is due
-            for folder in (out, out / "samples"):
-                remove_stale_temps(folder)  # left by a run killed mid-write
-        except OSError as e:  # e.g. the disk is already full
-            raise TrainError(f"cannot write to {out} ({e.strerror or e})") from None
-
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if tc.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fast)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
-                              foreach=True)
-    precision = resolve_precision(tc.precision, device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    it = data.BatchIterator(images, tc.batch_size, seed=derive_seed(cfg.seed, 1), device=device,
-                            random_flip=cfg.data.random_flip)
-    gen = torch.Generator(device).manual_seed(derive_seed(cfg.seed, 2))
-    step, history, wall, run_id = 0, [], 0.0, None
-    sums = {"epoch": torch.zeros((), device=device), "log": torch.zeros((), device=device), "log_n": 0}
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            reason = " ".join(str(e).split())[:200]  # the first line alone is just "Error(s) in loading state_dict"
-            raise CheckpointError(f"{ckpt_path}: does not fit this model ({reason}); pass --fresh to start over") \
-                from None
-        scaler.load_state_dict(state["scaler"])
-        it.load_state_dict(state["data"])
-        gen.set_state(state["rng"]["noise"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        step, history, wall, run_id = state["step"], state["history"], state["wall_time_s"], state["wandb_id"]
-        sums = {"epoch": state["sums"]["epoch"].to(device), "log": state["sums"]["log"].to(device),
-                "log_n": state["sums"]["log_n"]}
-
-    # channels_last pays on CUDA and with bf16 on the CPU (oneDNN); the EMA copy follows, so its lerp is layout-aligned.
-    channels_last = tc.channels_last is True or (tc.channels_last == "auto" and
-                                                 (device.type == "cuda" or amp_dtype == torch.bfloat16))
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-        ema.to(memory_format=torch.channels_last)
-    net: torch.nn.Module = model
-    if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if tc.compile is True or (tc.compile == "auto" and device.type == "cuda"):
-        net = torch.compile(net)
-    schedule = schedule_from_config(to_dict(cfg)).to(device)
-
-    # A fixed held-out batch, timesteps and noise for the EMA loss (comparable across epochs and runs).
-    held = ddpm.from_uint8(data.load_dataset(data_dir / "test.npy")[:256]).to(device)
-    held_t, held_noise = ddpm.draw_t_noise(schedule, held.shape, device=device,
-                                           generator=torch.Generator(device).manual_seed(derive_seed(cfg.seed, 4)))
-
-    run = init_wandb(cfg, out, config_path, run_id) if dist.main else None
-    stop = Stop()
-    bad_step = torch.full((), -1, device=device, dtype=torch.long)  # first non-finite step, checked at syncs
-    last_ckpt = (ckpt_path, state["step"] if state else None)
-
-    def kept() -> str:
-        return f"; {ckpt_path} (step {last_ckpt[1]}) is kept" if last_ckpt[1] is not None else ""
-
-    def check_finite() -> None:
-        if int(bad_step) >= 0:
-            raise TrainError(f"non-finite loss or gradient at step {int(bad_step) + 1}{kept()}; "
-                             f"lower train.lr, enable train.grad_clip, or use precision fp32")
-
-    def save() -> None:
-        nonlocal last_ckpt
-        check_finite()
-        if not dist.main:
-            return
-        try:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "epoch": it.epoch, "data": it.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "noise": gen.get_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0)},
-                "sums": {"epoch": sums["epoch"].cpu(), "log": sums["log"].cpu(), "log_n": sums["log_n"]},
-                "config": to_dict(cfg), "model_args": model_args, "device_type": device.type, "data_id": data_id,
-                "history": history,
-                "wall_time_s": wall + time.perf_counter() - t_start, "wandb_id": run.id if run else None})
-        except OSError as e:
-            raise TrainError(f"could not write {ckpt_path} ({e.strerror or e}){kept()}") from None
-        last_ckpt = (ckpt_path, step)
-
-    def reduce(x: Tensor) -> Tensor:
-        if dist.world > 1:
-            x = x.clone()
-            torch_dist.all_reduce(x)
-        return x
-
-    t_start = t_log = time.perf_counter()
-    img_log, bar = 0, None
-    try:
-        for epoch in range(it.epoch, tc.epochs):
-            model.train()
-            bar = _bar(len(it), it.index, f"epoch {epoch + 1}/{tc.epochs}", progress and dist.main)
-            for x in it.epoch_batches():
+def run_epochs(setup: Setup, state: TrainState, logger: Logger, stop: Stop, *, progress: bool = True) -> None:
+    """Algorithm 1, epoch by epoch: draw a batch, its timesteps and noise; take this process's shard; step; meter;
+    at the sync every wandb.log_every steps check, log and agree on stopping; checkpoint; end the epoch."""
+    cfg, dist, p = setup.cfg, setup.dist, state.parts
+    for epoch in range(state.batches.epoch, cfg.train.epochs):
+        p.model.train()
+        with _bar(len(state.batches), state.batches.index, f"epoch {epoch + 1}/{cfg.train.epochs}",
+                  progress and dist.main) as bar:
+            for x in state.batches.epoch_batches():
                 B = x.shape[0]
-                t_all, noise_all = ddpm.draw_t_noise(schedule, x.shape, generator=gen, device=device)
-                x, t, noise = (v.tensor_split(dist.world)[dist.rank] for v in (x, t_all, noise_all))
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if step == 0 and run is not None:
-                    run.log({"inputs": wandb_image(ddpm.to_uint8(x[:64]))}, step=0)
-                lr = lr_at(step, tc.lr, tc.warmup_steps)
-                loss, grad_norm = train_step(net, model, ema, opt, scaler, schedule, x, t, noise, lr=lr,
-                                             grad_clip=tc.grad_clip, ema_decay=tc.ema_decay, amp_dtype=amp_dtype,
-                                             weight=x.shape[0] * dist.world / B)
-                finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | (precision == "fp16"))
-                bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
-                contrib = loss.detach() * x.shape[0] / B
-                sums["epoch"] += contrib
-                sums["log"] += contrib
-                sums["log_n"] += 1
-                step += 1
-                img_log += B
+                t, noise = ddpm.draw_t_noise(p.schedule, x.shape, generator=state.noise, device=setup.device)
+                x, t, noise = (v.tensor_split(dist.world)[dist.rank] for v in (x, t, noise))
+                if state.step == 0:
+                    logger.log({"inputs": ddpm.to_uint8(x[:64])}, step=0)
+                lr = lr_at(state.step, cfg.train.lr, cfg.train.warmup_steps)
+                loss, grad_norm = train_step(p, x, t, noise, lr=lr, weight=x.shape[0] * dist.world / B)
+                state.meter.add(state.step, loss, grad_norm, rows=x.shape[0], batch=B)
+                state.step += 1
                 bar.update(1)
-                if step % cfg.wandb.log_every == 0:  # the only host-device sync of the loop
-                    check_finite()
-                    now = time.perf_counter()
-                    logs = {"train/loss": float(reduce(sums["log"])) / sums["log_n"], "train/lr": lr,
-                            "train/grad_norm": float(grad_norm), "train/images_per_sec": img_log / (now - t_log)}
-                    sums["log"].zero_(), sums.update(log_n=0)
-                    t_log, img_log = now, 0
-                    bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{lr:.2e}",
-                                    img_s=f"{logs['train/images_per_sec']:.0f}")
-                    if run is not None:
-                        run.log(logs, step=step)
-                if step % tc.checkpoint_every == 0:
-                    save()
-                if stop.signum and (dist.world == 1 or step % cfg.wandb.log_every == 0):
-                    save()
-                    raise SystemExit(128 + stop.signum)
-            bar.close()
-            check_finite()  # before a NaN reaches history.csv, metrics.json or a sample grid
-            end_epoch(cfg, epoch, step, sums, history, ema, schedule, held, held_t, held_noise, device, run, out,
-                      wall + time.perf_counter() - t_start, reduce, dist, lr_at(step - 1, tc.lr, tc.warmup_steps),
-                      scorer)
-            sums["epoch"].zero_()
-            save()
-    except SystemExit as e:
-        _finish(run, int(e.code or 0))
-        raise
-    except OSError as e:  # history.csv, metrics.json or a grid could not be written (disk full, ...)
-        _finish(run, 1)
-        raise TrainError(f"could not write to {out} ({e.strerror or e}){kept()}") from None
-    except BaseException:
-        _finish(run, 1)
-        raise
-    finally:
-        stop.restore()
-        if bar is not None:
-            bar.close()  # clear a half-drawn progress bar before the error line or the exit
-    metrics = history[-1] if history else {}
-    _finish(run, 0)
-    if dist.world > 1:
-        torch_dist.barrier()
-        torch_dist.destroy_process_group()
-    return metrics
+                at_sync = state.step % cfg.wandb.log_every == 0  # the only host-device sync of the loop
+                if at_sync:
+                    log_window(setup, state, logger, bar, lr=lr, grad_norm=grad_norm)
+                if state.step % cfg.train.checkpoint_every == 0:
+                    setup.ckpt.save(state)
+                signum = stop.agreed(dist, at_sync)
+                if signum:
+                    setup.ckpt.save(state)
+                    dist.barrier()  # none exits (torchrun then ends the others) before the checkpoint is written
+                    raise SystemExit(128 + signum)
+        setup.ckpt.check_finite(state)  # before a NaN reaches history.csv, metrics.json or a sample grid
+        end_epoch(setup, state, logger)
+        setup.ckpt.save(state)
 
 
-def end_epoch(cfg, epoch, step, sums, history, ema, schedule, held, held_t, held_noise, device, run, out, wall,
-              reduce, dist, lr, scorer=None) -> None:
-    """Per-epoch metrics, the EMA loss on the held-out batch, the sample grid, the FID (`scorer`, every
-    eval.every_epochs and at the last epoch), history.csv, metrics.json."""
-    steps_in_epoch = step - (history[-1]["step"] if history else 0)
+def log_window(setup: Setup, state: TrainState, logger: Logger, bar, *, lr: float, grad_norm: Tensor) -> None:
+    """At a sync: stop on a non-finite loss, then the window's mean loss, lr, grad norm and throughput."""
+    setup.ckpt.check_finite(state)
+    loss, rate = state.meter.read_window(setup.dist)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+    logger.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
+                "train/images_per_sec": rate}, step=state.step)
+
+
+def end_epoch(setup: Setup, state: TrainState, logger: Logger) -> None:
+    """The epoch's row (mean loss, EMA loss on the held-out batch, lr, throughput) on every process; on rank 0 the
+    sample grid and the FID when due (every sample.every_epochs / eval.every_epochs, and at the last epoch),
+    wandb, history.csv and metrics.json."""
+    cfg, n, step, wall = setup.cfg, state.batches.epoch, state.step, state.wall_time()
+    steps_in_epoch = step - (state.history[-1]["step"] if state.history else 0)
     with torch.no_grad():
-        ema_loss = float(ddpm.loss(schedule, ema, held, t=held_t, noise=held_noise))
-    row = {"epoch": epoch + 1, "step": step, "loss": float(reduce(sums["epoch"])) / max(steps_in_epoch, 1),
-           "ema_loss": ema_loss, "lr": lr, "images_per_sec": 0.0, "wall_time_s": round(wall, 3)}
-    row["images_per_sec"] = round(step * cfg.train.batch_size / max(wall, 1e-9), 2)
-    history.append(row)
-    if not dist.main:
+        ema_loss = float(ddpm.loss(state.parts.schedule, state.parts.ema, setup.held[0], t=setup.held[1],
+                                   noise=setup.held[2]))
+    row = {"epoch": n, "step": step, "loss": state.meter.read_epoch(setup.dist, steps_in_epoch), "ema_loss": ema_loss,
+           "lr": lr_at(step - 1, cfg.train.lr, cfg.train.warmup_steps),
+           "images_per_sec": round(step * cfg.train.batch_size / max(wall, 1e-9), 2), "wall_time_s": round(wall, 3)}
+    state.history.append(row)
+    if not setup.dist.main:
         return
-    logs = {"epoch/loss": row["loss"], "epoch/ema_loss": ema_loss, "epoch": epoch + 1}
-    every = cfg.sample.every_epochs
-    if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):
-        sc = cfg.sample  # the same noise every epoch, so that the grids show the model's progress
-        images = generate(ema, schedule, sc.num_images, steps=sc.steps, variance=sc.variance, clip=sc.clip,
-                          sampler=sc.sampler, eta=sc.eta, spacing=sc.spacing, seed=derive_seed(cfg.seed, 3),
-                          device=device, progress=False)
-        save_grid(images, out / "samples" / f"epoch_{epoch + 1:03d}.png")
-        if run is not None:
-            logs["samples"] = wandb_image(images)
-    every = cfg.eval.every_epochs
-    if scorer is not None and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):
+    logs = {"epoch/loss": row["loss"], "epoch/ema_loss": ema_loss, "epoch": n}
+    if _due(cfg.sample.every_epochs, n, cfg.train.epochs):
+        s = cfg.sample  # the same noise every epoch, so that the grids show the model's progress
+        images = generate(state.parts.ema, state.parts.schedule, s.num_images, steps=s.steps, variance=s.variance,
+                          clip=s.clip, sampler=s.sampler, eta=s.eta, spacing=s.spacing,
+                          seed=derive_seed(cfg.seed, 3), device=setup.device, progress=False)
+        save_grid(images, setup.out / "samples" / f"epoch_{n:03d}.png")
+        logs["samples"] = images
+    if setup.scorer is not None and _due(cfg.eval.every_epochs, n, cfg.train.epochs):
         t0 = time.perf_counter()
-        scores = scorer(ema, derive_seed(cfg.seed, 5))  # the same noise every time: FID moves with the model only
+        scores = setup.scorer(state.parts.ema, derive_seed(cfg.seed, 5))  # the same noise: FID moves with the model
         row.update(fid=round(scores["fid"], 4), fid_time_s=round(time.perf_counter() - t0, 1))
         if "class_coverage" in scores:
             row["class_coverage"] = round(scores["class_coverage"], 4)
         logs.update({f"eval/{k}": row[k] for k in ("fid", "class_coverage") if k in row})
-    if run is not None:
-        run.log(logs, step=step)
+    logger.log(logs, step=step)
+    write_records(setup.out, state.history)
+
+
+def _due(every: int, epoch: int, epochs: int) -> bool:
+    return bool(every) and (epoch % every == 0 or epoch == epochs)
+
+
+def write_records(out: Path, history: list[dict]) -> None:
+    """history.csv (every epoch) and metrics.json (the last epoch, with the last FID measured)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     atomic_write(out / "history.csv", buf.getvalue().encode())
-    measured = [r for r in history if r.get("fid") is not None]
-    write_json(out / "metrics.json", {"loss": row["loss"], "ema_loss": ema_loss, "step": step, "epoch": epoch + 1,
-                                      "images_per_sec": row["images_per_sec"], "wall_time_s": row["wall_time_s"],
+    row, measured = history[-1], [r for r in history if r.get("fid") is not None]
+    write_json(out / "metrics.json", {**{k: row[k] for k in ("loss", "ema_loss", "step", "epoch", "images_per_sec",
+                                                              "wall_time_s")},
                                       **({"fid": measured[-1]["fid"], "fid_epoch": measured[-1]["epoch"]}
                                          if measured else {})})
 
@@ -476,9 +612,33 @@ def _bar(total: int, initial: int, desc: str, enabled: bool):
                 dynamic_ncols=True)
 
 
-def _finish(run, exit_code: int) -> None:
-    if run is not None:
-        run.finish(exit_code=exit_code)
+# ---------------------------------------------------------------- the function and the command
+
+def train(cfg: Config, *, config_path: str | None = None, fresh: bool = False, progress: bool = True) -> dict:
+    """Train from `cfg`; returns the final metrics. Raises ConfigError, CheckpointError, data.DataError
+    (bad input, nothing created) or TrainError (a failure during training)."""
+    setup, state = prepare(cfg, fresh=fresh, progress=progress)  # every check: from here on the run creates things
+    if setup.dist.main:
+        create_outputs(setup.out, fresh=fresh, cfg=cfg)
+    logger = open_logger(cfg, setup.out, main=setup.dist.main, config_path=config_path, run_id=state.wandb_id)
+    state.wandb_id = logger.id
+    with Stop() as stop:
+        state.started = state.meter.window_start = time.perf_counter()
+        try:
+            run_epochs(setup, state, logger, stop, progress=progress)
+        except SystemExit as e:
+            logger.finish(int(e.code or 0))
+            raise
+        except OSError as e:  # history.csv, metrics.json or a grid could not be written (disk full, ...)
+            logger.finish(1)
+            raise TrainError(f"could not write to {setup.out} ({e.strerror or e}){setup.ckpt.kept()}") from None
+        except BaseException:
+            logger.finish(1)
+            raise
+    logger.finish(0)
+    setup.dist.barrier()
+    setup.dist.close()
+    return state.history[-1] if state.history else {}
 
 
 def main(argv: list[str] | None = None) -> None:

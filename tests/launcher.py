@@ -7,6 +7,8 @@ SPEC is JSON:
   "action": "signal", "signal": 2                             ... sends it SIGINT (then the call goes on)
   "action": "signal", "signal": 2, "times": 2                 ... twice, the second once the first was handled
   "inside": "train.save_checkpoint", "inside_call": 4         count calls of `wrap` only during that call of it
+  "rank": 1                                                    act in that process of a torchrun launch only
+  {"wrap": "ddpm.loss", "call": 2, "action": "nan"}            the 2nd call returns a NaN loss (its gradient is kept)
   {}                                                           nothing: just count
 
 Every run counts its training steps (calls of train.train_step) and writes the number to launcher.steps.<RANK>
@@ -14,6 +16,7 @@ when train.main returns or exits (not when killed): a resumed run must execute o
 """
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -45,12 +48,17 @@ def counting(real):
 
 
 def trigger(real):
+    here = spec.get("rank") is None or int(os.environ.get("RANK", "0")) == spec["rank"]
+
     def wrapper(*args, **kwargs):
-        if state["active"]:
+        if state["active"] and here:
             state["calls"] += 1
             if state["calls"] == spec["call"]:
                 if spec["action"] == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
+                if spec["action"] == "nan":
+                    out = real(*args, **kwargs)
+                    return out + math.nan - out.detach()  # the value is NaN, the gradient stays finite
                 for _ in range(spec.get("times", 1)):
                     os.kill(os.getpid(), spec["signal"])
                     time.sleep(0.2)  # the handler runs during the sleep (a second signal must not merge with it)

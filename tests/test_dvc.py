@@ -17,7 +17,7 @@ from helpers import TINY_MODEL, make_cifar_archive, md5_of, nest
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-PROJECT_FILES = ["ddpm.py", "unet.py", "data.py", "train.py", "config.py", "checkpoint.py", "sample.py",
+PROJECT_FILES = ["ddpm.py", "unet.py", "data.py", "train.py", "config.py", "checkpoint.py", "sample.py", "runtime.py",
                  "config.yaml", "dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
                  "evaluate.py", "features.py", "export.py", "requirements-eval.txt", "eval/dvc.yaml", "eval/.dvc/config",
                  "eval/.dvc/.gitignore"]

@@ -9,6 +9,7 @@ import torch
 
 import bench
 import checkpoint
+import config
 import sample
 import ddpm
 import train
@@ -21,34 +22,26 @@ BF16_REL = 3e-3
 COMPILE_REL = 1e-4  # fp32 either way; inductor may reorder reductions and fuse ops
 
 
-def run_steps(device, *, steps=2, amp_dtype=None, channels_last=False, compile=False, dropout=0.0, seed=0):
-    """`steps` train.train_step calls set up as train.train() does; returns (losses, model, ema)."""
-    torch.manual_seed(seed)
-    model = UNet(**dict(bench.TINY, dropout=dropout)).to(device)
+def run_steps(device, *, steps=2, precision="fp32", channels_last=False, compile=False, dropout=0.0, seed=0):
+    """`steps` train.train_step calls on what train.build() makes, as train.train() does; returns (losses, model,
+    ema)."""
+    cfg = config.Config(seed=seed, train=config.Train(optimizer="adam", lr=1e-3, grad_clip=1.0, ema_decay=0.9,
+                                                      precision=precision, channels_last=channels_last,
+                                                      compile=compile))
+    parts = train.build(cfg, dict(bench.TINY, dropout=dropout), device)
     with torch.no_grad():  # the zero-initialised output layers would make every loss exactly mean(noise²)
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3,
-                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if compile else model
-    schedule = ddpm.make_schedule().to(device)
+        for p in parts.model.parameters():
+            if not p.any():  # drawn contiguous: normal_ on a channels_last tensor fills it in memory order
+                p.copy_(torch.empty(p.shape).normal_(0.0, 0.05))
+        parts.ema.load_state_dict(parts.model.state_dict())
     gen = torch.Generator().manual_seed(seed + 1)
     losses = []
     for _ in range(steps):
         x = (torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1).to(device)
-        t, noise = ddpm.draw_t_noise(schedule, x.shape, generator=gen)
-        t, noise = t.to(device), noise.to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss, _ = train.train_step(net, model, ema, opt, scaler, schedule, x, t, noise, lr=1e-3, grad_clip=1.0,
-                                   ema_decay=0.9, amp_dtype=amp_dtype)
+        t, noise = ddpm.draw_t_noise(parts.schedule, x.shape, generator=gen)
+        loss, _ = train.train_step(parts, x, t.to(device), noise.to(device), lr=1e-3)
         losses.append(float(loss))
-    return losses, model, ema
+    return losses, parts.model, parts.ema
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
@@ -56,7 +49,7 @@ def test_bf16_autocast_loss_matches_fp32(channels_last):
     """bf16 autocast, and with channels_last the fast CPU step bench.py picks, against fp32 eager."""
     cpu = torch.device("cpu")
     ref, _, _ = run_steps(cpu)
-    fast, _, _ = run_steps(cpu, amp_dtype=torch.bfloat16, channels_last=channels_last)
+    fast, _, _ = run_steps(cpu, precision="bf16", channels_last=channels_last)
     assert ref[0] != pytest.approx(ref[1], rel=1e-3)  # the steps see different data: a real comparison
     assert fast != ref  # bf16 did run
     for a, b in zip(fast, ref):
@@ -95,7 +88,7 @@ def test_compiled_step_matches_eager():
 def test_fast_cuda_step_matches_fp32():
     cuda = torch.device("cuda")
     ref, _, _ = run_steps(cuda)
-    fast, _, _ = run_steps(cuda, amp_dtype=torch.bfloat16, channels_last=True, compile=True)
+    fast, _, _ = run_steps(cuda, precision="bf16", channels_last=True, compile=True)
     for a, b in zip(fast, ref):
         assert a == pytest.approx(b, rel=BF16_REL)
 

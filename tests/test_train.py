@@ -133,8 +133,9 @@ def copy_run(run: Run, cwd: Path) -> Path:
 def read_history(out: Path) -> list[dict]:
     text = (out / "history.csv").read_text()
     assert text.splitlines()[0] == HISTORY_HEADER
-    return [{k: (int(v) if k in ("epoch", "step") else float(v) if v else None) for k, v in row.items()}
-            for row in csv.DictReader(text.splitlines())]  # fid and friends are empty without eval.every_epochs
+    # fid and friends are empty in epochs without a FID, whose rows (in the checkpoint too) do not have them
+    return [{k: (int(v) if k in ("epoch", "step") else float(v)) for k, v in row.items() if v != ""}
+            for row in csv.DictReader(text.splitlines())]
 
 
 # ---------------------------------------------------------------- the loop's pure parts
