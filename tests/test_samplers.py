@@ -113,10 +113,12 @@ def test_ddim_step_on_the_uniform_chain_equals_diffusers(eta: float, clip: bool)
 def test_spacings_equal_diffusers_set_timesteps(spacing: str, steps: int) -> None:
     """At T = 1000 and the usual step counts. (diffusers computes in floats: at a few counts its rounding differs
     from the exact fractions, e.g. "trailing" with S = 61 gives 62 timesteps.)"""
-    if spacing == "linspace" and steps == 1:
-        pytest.skip("diffusers' linspace of 1 step is [0]; uniform's is [T - 1], the step from pure noise")
     theirs = ddim_scheduler(paper_schedule64().alphas_cumprod, spacing=spacing, clip=True)
     theirs.set_timesteps(steps)
+    if spacing == "linspace" and steps == 1:  # the one count where they differ, on purpose
+        assert theirs.timesteps.tolist() == [0]  # diffusers' single step starts at t = 0, not from pure noise
+        assert ddpm.spaced_timesteps(T_PAPER, 1, "uniform").tolist() == [T_PAPER - 1]
+        return
     assert theirs.timesteps.flip(0).tolist() == ddpm.spaced_timesteps(T_PAPER, steps,
                                                                       SPACING_OF_DIFFUSERS[spacing]).tolist()
 

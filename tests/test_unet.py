@@ -120,7 +120,7 @@ def test_attention_block_equals_an_einsum_reference():
     """AttnBlock: x + proj(softmax(q k^T / sqrt(C)) v) over the H*W positions, with q, k, v the 1x1 convolutions
     of GroupNorm(x) (hojonathanho/diffusion's attn_block), written out here with einsum in float64."""
     torch.manual_seed(0)
-    block = AttnBlock(64).double()
+    block = AttnBlock(64, 1e-6).double()  # the paper's GroupNorm eps
     with torch.no_grad():
         block.proj.weight.normal_(0, 0.1)  # zero-initialised: the block would be the identity
         block.proj.bias.normal_(0, 0.1)
