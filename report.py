@@ -97,12 +97,18 @@ def read_history(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def curve(history: list[dict]) -> Image.Image:
-    """Loss and EMA loss per epoch and, where measured, the FID, against minutes of training (FID time excluded)."""
+def training_minutes(history: list[dict]) -> list[float]:
+    """Minutes of training at the end of each epoch: wall time less the time spent measuring FID up to then."""
     minutes, spent = [], 0.0
     for r in history:
         spent += float(r.get("fid_time_s") or 0)
         minutes.append((float(r["wall_time_s"]) - spent) / 60)
+    return minutes
+
+
+def curve(history: list[dict]) -> Image.Image:
+    """Loss and EMA loss per epoch and, where measured, the FID, against minutes of training (FID time excluded)."""
+    minutes = training_minutes(history)
     loss = line_chart({"loss (epoch mean)": (minutes, [float(r["loss"]) for r in history], BLUE),
                        "EMA loss (held-out)": (minutes, [float(r["ema_loss"]) for r in history], ORANGE)},
                       title="training loss", xlabel="minutes of training")
