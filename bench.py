@@ -1,17 +1,21 @@
-"""Time our training step and sampler against diffusers' UNet2DModel + DDPMScheduler, side by side.
+"""Time our training step and sampler against diffusers' UNet2DModel + DDPMScheduler, like with like.
 
-Both run in one process on one device at the paper's architecture; diffusers in its usual fp32 eager use.
+Both run in one process on one device at the paper's architecture. "diffusers, same settings" applies every speed
+setting of our fast row to UNet2DModel (precision, channels_last, torch.compile, the same Adam, gradient clipping
+and an EMA: diffusers' own EMAModel), so the headline ratio is what the implementation earns; what the precision
+buys is a line of its own.
 
-    python bench.py [--device auto|cpu|cuda] [--threads N] [--batch B] [--out bench.json]
+    python bench.py [--device auto|cpu|cuda] [--threads N] [--batch B] [--precision auto|fp32|bf16] [--out bench.json]
     python bench.py --quick        # a tiny model, small batch, few steps: a smoke test (CI runs this)
 
 Steps of the variants being compared run interleaved (round robin, after warm-up), so a machine shared
-with other work slows them alike. Rows that are extrapolated say so and from what. diffusers is a
-benchmark-only dependency (requirements-bench.txt); without it the diffusers rows are skipped.
+with other work slows them alike; ratios are medians of per-round ratios. Rows that are extrapolated say so and
+from what. diffusers is a benchmark-only dependency (requirements-bench.txt); without it its rows are skipped.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -30,6 +34,7 @@ import ddpm
 import runtime
 import train
 from export import diffusers_config  # google/ddpm-cifar10-32's layout, which computes what our UNet computes
+from runtime import cpu_has_native_bf16, resolve_precision
 from sample import fast_eps
 from unet import UNet
 
@@ -48,32 +53,50 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds for fn(), with the device's queue drained before and after."""
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for fn(), with the device's queue drained before and after."""
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def race(fns: dict[str, Callable[[], object]], warmup: int, rounds: int, device: torch.device) -> dict:
-    """Warm each up (first call: compilation), then `rounds` rounds of one call each, order rotated per round."""
-    first = {name: [timed(fn, device) for _ in range(warmup)] for name, fn in fns.items()}
+    """Warm each up (first call: compilation), then `rounds` rounds of one call each, order rotated per round.
+    Per variant: wall times (`times_s`, their median) and process CPU times (`cpu_s`: with one thread on a CPU the
+    work done whatever else runs on the machine; with more, OpenMP's waiting threads count too)."""
+    first = {name: [timed(fn, device)[0] for _ in range(warmup)] for name, fn in fns.items()}
     times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(timed(fns[name], device))
-    return {name: {"warmup_s": first[name], "times_s": times[name], "median_s": statistics.median(times[name])}
-            for name in fns}
+            wall, c = timed(fns[name], device)
+            times[name].append(wall)
+            cpu[name].append(c)
+    return {name: {"warmup_s": first[name], "times_s": times[name], "median_s": statistics.median(times[name]),
+                   "cpu_s": cpu[name]} for name in fns}
 
 
-def our_train_step(model_args: dict, device: torch.device, batch: int, *, precision: str, channels_last: bool,
-                   compile: bool) -> Callable[[], object]:
-    """train.train_step on what train.build() makes (as train() does), with these fast-path settings."""
+def ratio(res: dict, slow: str, fast: str, key: str = "times_s") -> float:
+    """How many times faster `fast` ran than `slow`: the median over rounds of the two variants' per-round ratio
+    (a round's two steps ran back to back, under the same load)."""
+    return statistics.median(a / b for a, b in zip(res[slow][key], res[fast][key], strict=True))
+
+
+def label(amp_dtype: torch.dtype | None, channels_last: bool, compile: bool) -> str:
+    """A variant's settings as a row name: fp32 or bf16, then +cl (channels_last) and +compile."""
+    return ("bf16" if amp_dtype == torch.bfloat16 else "fp32") + "+cl" * channels_last + "+compile" * compile
+
+
+def our_train_step(model_args: dict, device: torch.device, batch: int, *, amp_dtype: torch.dtype | None,
+                   channels_last: bool, compile: bool) -> Callable[[], object]:
+    """train.train_step on what train.build() makes (as train() does), with these speed settings."""
+    precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
     cfg = config.Config(train=config.Train(lr=LR, grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, precision=precision,
                                            channels_last=channels_last, compile=compile))
+    torch.manual_seed(0)
     parts = train.build(cfg, model_args, device)
     x = torch.rand(batch, 3, model_args["image_size"], model_args["image_size"], device=device) * 2 - 1
     gen = torch.Generator(device).manual_seed(0)
@@ -84,22 +107,41 @@ def our_train_step(model_args: dict, device: torch.device, batch: int, *, precis
     return step
 
 
-def diffusers_train_step(model_args: dict, device: torch.device, batch: int) -> Callable[[], object]:
-    """The usual diffusers step: DDPMScheduler.add_noise, MSE on ε, Adam, plain optimizer.step(); fp32 eager."""
+def adam_options(device: torch.device) -> dict:
+    """The options train.build() gives Adam on `device` (fused or foreach), for diffusers' rows."""
+    opt = train.build(config.Config(), TINY, device).opt
+    return {k: opt.defaults[k] for k in ("fused", "foreach") if opt.defaults.get(k)}
+
+
+def diffusers_train_step(model_args: dict, device: torch.device, batch: int, *, amp_dtype: torch.dtype | None,
+                         channels_last: bool, compile: bool) -> Callable[[], object]:
+    """diffusers' training step (examples/unconditional_image_generation) with our settings: DDPMScheduler.add_noise,
+    MSE on ε under the same autocast, gradient clipping to 1.0, the same Adam, EMAModel(foreach=True).step; the
+    same memory format and torch.compile as ours."""
     from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
     torch.manual_seed(0)
     model = UNet2DModel(**diffusers_config(model_args)).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    opt = torch.optim.Adam(model.parameters(), lr=LR, **adam_options(device))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = EMAModel(model.parameters(), decay=EMA_DECAY, foreach=True)  # its copies in the model's memory format
+    net = torch.compile(model) if compile else model
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     x = torch.rand(batch, 3, model_args["image_size"], model_args["image_size"], device=device) * 2 - 1
 
     def step():
         noise = torch.randn(x.shape, device=device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
-        loss = F.mse_loss(model(scheduler.add_noise(x, noise, t), t).sample, noise)
+        noisy = scheduler.add_noise(x, noise, t)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            pred = net(noisy.contiguous(memory_format=torch.channels_last) if channels_last else noisy, t).sample
+        loss = F.mse_loss(pred.float(), noise)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         opt.zero_grad()
+        ema.step(model.parameters())
         return loss.detach()
     return step
 
@@ -113,11 +155,24 @@ def our_sampler(model: UNet, device: torch.device, batch: int, steps: int, **set
     return lambda: ddpm.sample(schedule, fn, shape, steps=steps, generator=gen, device=device)
 
 
-def diffusers_sampler(model_args: dict, device: torch.device, batch: int, steps: int) -> Callable[[], object]:
-    """DDPMPipeline's loop: UNet2DModel + DDPMScheduler.step, fp32 eager, no_grad."""
+class _Eps(torch.nn.Module):
+    """UNet2DModel as an ε(x_t, t) network, so that `fast_eps` applies our inference settings to it."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t).sample
+
+
+def diffusers_sampler(model_args: dict, device: torch.device, batch: int, steps: int,
+                      **settings) -> Callable[[], object]:
+    """DDPMPipeline's loop (UNet2DModel, then DDPMScheduler.step), the network run through fast_eps(**settings) as
+    ours is: the same autocast, memory format and torch.compile."""
     from diffusers import DDPMScheduler, UNet2DModel
     torch.manual_seed(0)
-    model = UNet2DModel(**diffusers_config(model_args)).to(device).eval()
+    eps = fast_eps(_Eps(UNet2DModel(**diffusers_config(model_args))), device, **settings)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                               variance_type="fixed_large", clip_sample=True)
     scheduler.set_timesteps(steps)
@@ -128,7 +183,8 @@ def diffusers_sampler(model_args: dict, device: torch.device, batch: int, steps:
         image = torch.randn((batch, 3, model_args["image_size"], model_args["image_size"]), generator=gen,
                             device=device)
         for t in scheduler.timesteps:
-            image = scheduler.step(model(image, t).sample, t, image, generator=gen).prev_sample
+            out = eps(image, t.to(device).expand(batch)).to(image.dtype)
+            image = scheduler.step(out, t, image, generator=gen).prev_sample
         return image
     return run
 
@@ -183,7 +239,7 @@ def data_rate(device: torch.device, batch: int, num_images: int) -> float:
         for x in it.epoch_batches():
             pass
         return x
-    return num_images / timed(epoch, device)
+    return num_images / timed(epoch, device)[0]
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -210,20 +266,66 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": dv, "cpu": cpu}
 
 
+def precision_info(requested: str, device: torch.device) -> dict:
+    """What `--precision` resolved to on `device` (runtime.resolve_precision) and the capability it followed."""
+    if device.type == "cuda":
+        native, source = torch.cuda.is_bf16_supported(), f"{torch.cuda.get_device_name(device)}: bf16 supported"
+    else:
+        caps = torch.cpu.get_capabilities()
+        native = cpu_has_native_bf16()
+        source = (f"CPU AMX-BF16: {'yes' if native else 'no'}, AVX512-BF16: "
+                  f"{'yes' if caps.get('avx512_bf16') else 'no'} (torch.cpu.get_capabilities)")
+    return {"requested": requested, "resolved": resolve_precision(requested, device), "native_bf16": bool(native),
+            "capability": source}
+
+
+def variants(make: Callable[..., Callable[[], object]], settings: dict, have_diffusers: bool,
+             diffusers_make: Callable[..., Callable[[], object]]) -> dict[str, Callable[[], object]]:
+    """Ours and diffusers' at the fast `settings`, and both in fp32 eager when that is not the same thing."""
+    plain = dict(amp_dtype=None, channels_last=False, compile=False)
+    out = {f"ours {label(**settings)}": make(**settings)}
+    if settings != plain:
+        out["ours fp32"] = make(**plain)
+    if have_diffusers:
+        out[f"diffusers {label(**settings)}"] = diffusers_make(**settings)
+        if settings != plain:
+            out["diffusers fp32"] = diffusers_make(**plain)
+    return out
+
+
+def ratios(res: dict, fast: str) -> dict:
+    """The headline (ours against diffusers at the same settings) and the side lines, as median per-round ratios
+    of wall times, and of CPU times (`_cpu`: the steadier figure on a CPU shared with other work, with --threads 1);
+    None where a row is missing (no diffusers) or a line compares a row with itself (fast settings = fp32 eager)."""
+    setting = fast.removeprefix("ours ")
+    out = {}
+    for key, slow, quick in (("vs_diffusers", f"diffusers {setting}", fast),
+                             ("fp32_vs_diffusers_fp32", "diffusers fp32", "ours fp32"),
+                             ("settings_vs_ours_fp32", "ours fp32", fast)):
+        there = slow in res and quick in res and slow != quick and not (key.startswith("fp32") and quick == fast)
+        out[key] = ratio(res, slow, quick) if there else None
+        out[key + "_cpu"] = ratio(res, slow, quick, "cpu_s") if there else None
+    return out
+
+
 def bench(args: argparse.Namespace) -> dict:
     device = runtime.resolve_device(args.device)
     cuda = device.type == "cuda"
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     model_args = TINY if args.quick else PAPER
     batch = args.batch or (8 if args.quick else PAPER_BATCH)
     warmup, rounds = (1, 2) if args.quick else (args.warmup, args.rounds)
     s_batch = args.sample_batch or (4 if args.quick else 256 if cuda else 8)
     s_steps = args.sample_steps or (2 if args.quick else 1000 if cuda else 5)
     # torch.compile where it pays (docs/benchmarks.md): on CUDA; on CPU for sampling only, whose forward-only graph
-    # compiles in under a minute and runs ~1.25x faster, while the training step's took 1.5 to 7 minutes to compile
-    # and ran no faster.
+    # compiles in under a minute and runs faster, while the training step's took 1.5 to 7 minutes to compile and ran
+    # no faster (regionally compiled blocks: 5 minutes, and slower GroupNorm + SiLU + dropout kernels).
     compile_train = args.compile == "on" or (args.compile == "auto" and cuda)
     compile_sample = args.compile == "on" or (args.compile == "auto" and (cuda or not args.quick))
+    precision = precision_info(args.precision, device)
+    amp_dtype = torch.bfloat16 if precision["resolved"] == "bf16" else None
+    channels_last = runtime.use_channels_last("auto", device, precision["resolved"])  # train.py's and sample.py's
     try:
         import diffusers  # noqa: F401
         have_diffusers, skipped = True, None
@@ -232,8 +334,10 @@ def bench(args: argparse.Namespace) -> dict:
     out: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
                  "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({versions()['cpu']})",
                  "device_type": device.type, "threads": torch.get_num_threads(), "versions": versions(),
+                 "precision": precision,
                  "model": {k: list(v) if isinstance(v, tuple) else v for k, v in model_args.items()},
                  "diffusers_skipped": skipped}
+    log(f"precision {args.precision} -> {precision['resolved']} ({precision['capability']})")
 
     ours = sum(p.numel() for p in UNet(**model_args).parameters())
     theirs = None
@@ -243,26 +347,19 @@ def bench(args: argparse.Namespace) -> dict:
     out["params"] = {"ours": ours, "diffusers": theirs}
     log(f"parameters: ours {ours:,}, diffusers {theirs if theirs is None else f'{theirs:,}'}")
 
-    # Training: our fp32 eager step, the fast candidates (the best one is "fast"), diffusers' fp32 eager step.
-    fast = {"bf16": dict(precision="bf16", channels_last=False, compile=False),
-            "bf16+cl": dict(precision="bf16", channels_last=True, compile=False)}
-    if compile_train:
-        fast["bf16+cl+compile"] = dict(precision="bf16", channels_last=True, compile=True)
-    steps = {"ours fp32": our_train_step(model_args, device, batch, precision="fp32", channels_last=False,
-                                         compile=False)}
-    steps.update({f"ours {k}": our_train_step(model_args, device, batch, **v) for k, v in fast.items()})
-    if have_diffusers:
-        steps["diffusers fp32"] = diffusers_train_step(model_args, device, batch)
+    # Training: ours at the fast settings, diffusers' at the same, and both in fp32 eager (when that differs).
+    settings = dict(amp_dtype=amp_dtype, channels_last=channels_last, compile=compile_train)
+    steps = variants(lambda **kw: our_train_step(model_args, device, batch, **kw), settings, have_diffusers,
+                     lambda **kw: diffusers_train_step(model_args, device, batch, **kw))
     log(f"training: {', '.join(steps)} at batch {batch}, {warmup} warm-up + {rounds} interleaved steps each")
     res = race(steps, warmup, rounds, device)
     for name, r in res.items():
         r["images_per_s"] = batch / r["median_s"]
         r["compile_s"] = r["warmup_s"][0] - r["median_s"] if "compile" in name else None  # first call - steady
-    best = max((f"ours {k}" for k in fast), key=lambda k: res[k]["images_per_s"])
-    img_s = res[best]["images_per_s"]
-    out["train"] = {"batch": batch, "warmup": warmup, "rounds": rounds, "variants": res, "fast": best,
-                    "speedup_vs_ours_fp32": img_s / res["ours fp32"]["images_per_s"],
-                    "speedup_vs_diffusers": img_s / res["diffusers fp32"]["images_per_s"] if have_diffusers else None}
+    fast = f"ours {label(**settings)}"
+    img_s = res[fast]["images_per_s"]
+    out["train"] = {"batch": batch, "warmup": warmup, "rounds": rounds, "variants": res, "fast": fast,
+                    **ratios(res, fast)}
     del steps
 
     flops, fwd_flops = train_flops_per_image(model_args, device)
@@ -273,31 +370,29 @@ def bench(args: argparse.Namespace) -> dict:
     out["extrapolated_100_epochs"] = {
         "minutes": EPOCH_100_STEPS * PAPER_BATCH / img_s / 60,
         "basis": f"EXTRAPOLATED: {EPOCH_100_STEPS} steps x {PAPER_BATCH} images at the {img_s:.2f} images/s "
-                 f"measured for '{best}' at batch {batch}" + ("" if args.quick else "; model as in the paper")}
+                 f"measured for '{fast}' at batch {batch}" + ("" if args.quick else "; model as in the paper")}
 
     # Sampling: image-steps/s of both loops, and the time for 256 images x 1000 steps (measured at CUDA's defaults,
     # else extrapolated).
-    bf16 = runtime.amp_dtype("bf16")
-    s_fast = {"bf16+cl": dict(amp_dtype=bf16, channels_last=True, compile=False)}
-    if compile_sample:
-        s_fast["bf16+cl+compile"] = dict(amp_dtype=bf16, channels_last=True, compile=True)
-    torch.manual_seed(0)
-    samplers = {f"ours {k}": our_sampler(UNet(**model_args), device, s_batch, s_steps, **v) for k, v in s_fast.items()}
-    if have_diffusers:
-        samplers["diffusers fp32"] = diffusers_sampler(model_args, device, s_batch, s_steps)
+    s_settings = dict(amp_dtype=amp_dtype, channels_last=channels_last, compile=compile_sample)
+
+    def ours_sampler(**kw):
+        torch.manual_seed(0)
+        return our_sampler(UNet(**model_args), device, s_batch, s_steps, **kw)
+    samplers = variants(ours_sampler, s_settings, have_diffusers,
+                        lambda **kw: diffusers_sampler(model_args, device, s_batch, s_steps, **kw))
     log(f"sampling: {', '.join(samplers)}, batch {s_batch} x {s_steps} steps")
     sres = race(samplers, warmup, rounds, device)
     for name, r in sres.items():
         r["compile_s"] = r["warmup_s"][0] - r["median_s"] if "compile" in name else None
         r["image_steps_per_s"] = s_batch * s_steps / r["median_s"]
         r["seconds_256x1000"] = 256 * 1000 / r["image_steps_per_s"]
-    s_best = max((f"ours {k}" for k in s_fast), key=lambda k: sres[k]["image_steps_per_s"])
+    s_fast = f"ours {label(**s_settings)}"
     full = s_batch == 256 and s_steps == 1000
-    out["sample"] = {"batch": s_batch, "steps": s_steps, "variants": sres, "fast": s_best,
+    out["sample"] = {"batch": s_batch, "steps": s_steps, "variants": sres, "fast": s_fast,
                      "basis": "measured: 256 images x 1000 steps" if full else
                      f"EXTRAPOLATED to 256 x 1000 from image-steps/s measured at batch {s_batch} x {s_steps} steps",
-                     "speedup_vs_diffusers": (sres[s_best]["image_steps_per_s"] /
-                                              sres["diffusers fp32"]["image_steps_per_s"]) if have_diffusers else None}
+                     **ratios(sres, s_fast)}
     del samplers
 
     n_images = 2048 if args.quick else 50_000
@@ -305,6 +400,9 @@ def bench(args: argparse.Namespace) -> dict:
     out["data"] = {"batch": PAPER_BATCH, "images": n_images, "images_per_s": rate, "train_images_per_s": img_s,
                    "headroom": rate / img_s}
     out["memory"] = peak_memory(device)
+    out["load"] = {"before": list(load_before), "after": list(os.getloadavg()),
+                   "note": "os.getloadavg() (1, 5, 15 min) before and after the run; above the thread count, other "
+                           "work shared the cores"}
     return out
 
 
@@ -312,37 +410,55 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _times(res: dict, rows: list, kind: str, value: Callable[[dict], str], extra: Callable[[dict], str],
+           fast: str) -> None:
+    for name, v in res.items():
+        rows.append((f"{kind} {name}", value(v), extra(v) + (f" (compile ~{v['compile_s']:.0f} s)"
+                                                             if v["compile_s"] is not None else "")
+                     + (" <- fast" if name == fast else "")))
+
+
+def _ratio_rows(part: dict, kind: str, rows: list) -> None:
+    setting = part["fast"].removeprefix("ours ")
+    lines = (("vs_diffusers", f"{kind} speedup", f"vs diffusers {setting} (same settings)"),
+             ("fp32_vs_diffusers_fp32", f"{kind} fp32 eager", "ours vs diffusers, both fp32 eager"),
+             ("settings_vs_ours_fp32", f"{kind} {setting}", "what the settings buy: ours vs ours fp32 eager"))
+    for key, name, what in lines:
+        if part.get(key) is not None:
+            rows.append((name, f"{part[key]:.2f}x", f"{what}; median per-round ratio of wall times (CPU time: "
+                                                    f"{part[key + '_cpu']:.2f}x)"))
+
+
 def table(r: dict) -> str:
+    p = r["precision"]
     rows = [("device", r["device"], f"{r['threads']} threads; torch {r['versions']['torch']}, "
              f"diffusers {r['versions']['diffusers']}"),
+            ("precision", f"{p['requested']} -> {p['resolved']}", p["capability"]),
             ("parameters", f"{r['params']['ours']:,}", f"diffusers UNet2DModel: {r['params']['diffusers']}")]
     tr = r["train"]
-    for name, v in tr["variants"].items():
-        star = " <- fast" if name == tr["fast"] else ""
-        rows.append((f"train {name}", f"{v['images_per_s']:.2f} img/s",
-                     f"batch {tr['batch']}, median of {tr['rounds']}; first step {v['warmup_s'][0]:.1f} s"
-                     + (f" (compile ~{v['compile_s']:.0f} s)" if v["compile_s"] is not None else "") + star))
-    rows.append(("train speedup", f"{tr['speedup_vs_ours_fp32']:.2f}x vs ours fp32",
-                 "n/a vs diffusers (skipped)" if tr["speedup_vs_diffusers"] is None
-                 else f"{tr['speedup_vs_diffusers']:.2f}x vs diffusers fp32"))
+    _times(tr["variants"], rows, "train", lambda v: f"{v['images_per_s']:.2f} img/s",
+           lambda v: f"batch {tr['batch']}, median of {tr['rounds']}; first step {v['warmup_s'][0]:.1f} s", tr["fast"])
+    _ratio_rows(tr, "train", rows)
+    if tr["vs_diffusers"] is None:
+        rows.append(("train speedup", "n/a", "vs diffusers: skipped"))
     fl = r["flops"]
     rows.append(("train FLOPs/image", f"{fl['train_per_image'] / 1e9:.2f} GFLOP", "FlopCounterMode, fwd+bwd"))
     rows.append(("MFU", "n/a" if fl["mfu"] is None else f"{100 * fl['mfu']:.2f} %", fl["peak_source"]))
     s = r["sample"]
-    for name, v in s["variants"].items():
-        star = " <- fast" if name == s["fast"] else ""
-        rows.append((f"sample {name}", f"{v['image_steps_per_s']:.1f} img-steps/s",
-                     f"256x1000: {v['seconds_256x1000']:,.0f} s ({s['basis'].split(':')[0].lower()}); "
-                     f"first call {v['warmup_s'][0]:.1f} s"
-                     + (f" (compile ~{v['compile_s']:.0f} s)" if v["compile_s"] is not None else "") + star))
-    if s["speedup_vs_diffusers"] is not None:
-        rows.append(("sample speedup", f"{s['speedup_vs_diffusers']:.2f}x vs diffusers fp32", s["basis"]))
+    _times(s["variants"], rows, "sample", lambda v: f"{v['image_steps_per_s']:.1f} img-steps/s",
+           lambda v: f"256x1000: {v['seconds_256x1000']:,.0f} s ({s['basis'].split(':')[0].lower()}); "
+                     f"first call {v['warmup_s'][0]:.1f} s", s["fast"])
+    _ratio_rows(s, "sample", rows)
+    rows.append(("sample basis", "", s["basis"]))
     d = r["data"]
     rows.append(("data BatchIterator", f"{d['images_per_s']:,.0f} img/s",
                  f"{d['headroom']:,.0f}x what the fast step consumes"))
     rows.append(("peak memory", f"{r['memory']['mib']:,.0f} MiB", r["memory"]["kind"]))
     e = r["extrapolated_100_epochs"]
     rows.append(("100 epochs", f"{e['minutes']:,.1f} min", e["basis"]))
+    rows.append(("load", " / ".join(f"{x:.2f}" for x in r["load"]["after"]),
+                 f"1/5/15-min load average after the run (before: {r['load']['before'][0]:.2f}); "
+                 f"{r['threads']} threads"))
     if r["diffusers_skipped"]:
         rows.append(("diffusers rows", "skipped", r["diffusers_skipped"]))
     w = max(len(a) for a, _, _ in rows), max(len(b) for _, b, _ in rows)
@@ -363,12 +479,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="try torch.compile: auto = training and sampling on CUDA, sampling only on CPU "
                         "(not with --quick); on = both everywhere")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the fast rows' precision: auto = bf16 where native (CUDA with bf16, CPU with AMX-BF16), "
+                        "else fp32")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
-    try:
-        runtime.resolve_device(args.device)
-    except ValueError as e:
-        p.error(f"--device {e}")
     result = bench(args)
     print(table(result))
     with open(args.out, "w") as f:

@@ -37,6 +37,7 @@ PAPER = {"fid": 3.17, "is_mean": 9.46, "num_samples": 50_000, "steps": 1000, "da
 LEGACY_IDENTITY = {"sampler": "ddpm", "eta": 0.0, "spacing": "uniform"}
 IS_SPLITS = 10           # Salimans et al.'s code: the score's mean and std over 10 parts
 SEED_STRIDE = 2 ** 20    # shard k of --seed s uses generator seed s * SEED_STRIDE + k: seeds share no shard
+PRECISIONS = ("fp32", "bf16", "auto")  # the sampler's, --precision
 MAX_SEED = 2 ** 40
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the FID Inception; the stats cache key
 
@@ -290,7 +291,7 @@ def _read_shard(path: Path, shape: tuple[int, ...]) -> Tensor | None:
 def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict, *, num_samples: int,
                   batch_size: int, steps: int, variance: str, seed: int, device: torch.device,
                   progress: bool = False, generate: Callable[..., Tensor] = sample.generate, sampler: str = "ddpm",
-                  eta: float = 0.0, spacing: str = "uniform") -> Tensor:
+                  eta: float = 0.0, spacing: str = "uniform", precision: str = "fp32") -> Tensor:
     """The first `num_samples` images, uint8 (N, C, H, W), of shards of `batch_size` images in `folder`,
     generating only the missing ones. Shard k is one batch with generator seed `seed * SEED_STRIDE + k`, so the
     shards equal `generate(model, schedule, k * batch_size, batch_size=batch_size, seed=seed * SEED_STRIDE)`
@@ -306,7 +307,7 @@ def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict
             if x is None:
                 x = generate(model, schedule, batch_size, batch_size=batch_size, steps=steps, variance=variance,
                              clip=True, seed=seed * SEED_STRIDE + k, device=device, progress=progress,
-                             sampler=sampler, eta=eta, spacing=spacing)
+                             sampler=sampler, eta=eta, spacing=spacing, precision=precision)
                 atomic_save(path, np.save, x.numpy())
             out.append(x)
             bar.update(min(batch_size, num_samples - k * batch_size))
@@ -315,12 +316,14 @@ def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict
 
 # ---------------------------------------------------------------- the evaluation
 
-def samples_folder(steps: int, seed: int, sampler: str, eta: float, spacing: str, variance: str | None) -> str:
+def samples_folder(steps: int, seed: int, sampler: str, eta: float, spacing: str, variance: str | None,
+                   precision: str = "fp32") -> str:
     """The shard folder's name: every setting that changes the samples, so that no two settings share one.
-    Ancestral sampling on the uniform spacing keeps the name it had before DDIM and spacings existed
+    Ancestral sampling on the uniform spacing in fp32 keeps the name it had before DDIM, spacings and bf16 existed
     (samples_<steps>_<variance>_<seed>), so shards sampled then are still found."""
     how = variance if sampler == "ddpm" else f"ddim-eta{eta!r}"
-    return f"samples_{steps}{'' if spacing == 'uniform' else '_' + spacing}_{how}_{seed}"
+    return f"samples_{steps}{'' if spacing == 'uniform' else '_' + spacing}_{how}_{seed}" \
+        + ("" if precision == "fp32" else f"_{precision}")
 
 
 def paper_differences(*, num_samples: int, steps: int, dataset: str, sampler: str, variance: str | None) -> list[str]:
@@ -344,7 +347,7 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
              device: str | torch.device = "auto", extractor: Extractor | None = None, progress: bool = True,
              stats_cache: str | Path = "data/fid_stats", features: str = "inception",
              generate: Callable[..., Tensor] = sample.generate, sampler: str = "ddpm", eta: float = 0.0,
-             spacing: str = "uniform", diffusers: str | None = None) -> dict:
+             spacing: str = "uniform", diffusers: str | None = None, precision: str = "fp32") -> dict:
     """FID and IS of `num_samples` EMA samples of the checkpoint; writes and returns eval.json's content.
     `ref` defaults to the config's training set, data/<dataset>/train.npy; `extractor` to the FID Inception.
     `features="fashion-mnist"`: the classifier of features.py instead (offline), FID against the test set
@@ -352,7 +355,8 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
     and the class coverage instead of the IS.
     Everything that can fail on setup (checkpoint, extractor, reference) does so before any sampling.
     With `diffusers` (a diffusers model's folder or hub id, instead of a checkpoint), `ref` defaults to CIFAR-10's
-    for 3x32x32 images; see `results_dir` for where the results go."""
+    for 3x32x32 images; see `results_dir` for where the results go. `precision` (fp32, bf16, or auto: bf16 where it is
+    native, runtime.resolve_precision) is the sampler's: bf16 samples are other samples, in a folder of their own."""
     if diffusers is not None:
         from export import load_diffusers
         model, schedule = load_diffusers(diffusers)
@@ -380,6 +384,9 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
         device = runtime.resolve_device(device)
     except ValueError as e:
         raise ValueError(f"--device {e}") from None
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    precision = runtime.resolve_precision(precision, device)
     if features not in ("inception", "fashion-mnist"):
         raise ValueError(f"--features must be inception or fashion-mnist, got {features!r}")
     classes = features == "fashion-mnist"
@@ -397,12 +404,13 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
     identity = {"checkpoint_step": step, "ema_sha256": weights_digest(weights), "steps": steps,
                 "variance": shown_variance, "seed": seed, "seed_stride": SEED_STRIDE, "batch_size": batch_size,
                 "clip": True, "image_shape": [model.in_channels, model.image_size, model.image_size],
-                "sampler": sampler, "eta": eta, "spacing": spacing}
+                "sampler": sampler, "eta": eta, "spacing": spacing,
+                **({} if precision == "fp32" else {"precision": precision})}  # fp32: as identities were before bf16
     out_dir = results_dir(checkpoint_path, diffusers)
-    folder = out_dir / "eval" / samples_folder(steps, seed, sampler, eta, spacing, shown_variance)
+    folder = out_dir / "eval" / samples_folder(steps, seed, sampler, eta, spacing, shown_variance, precision)
     images = sample_shards(model, schedule, folder, identity, num_samples=num_samples, batch_size=batch_size,
                            steps=steps, variance=variance, seed=seed, device=device, progress=progress,
-                           generate=generate, sampler=sampler, eta=eta, spacing=spacing)
+                           generate=generate, sampler=sampler, eta=eta, spacing=spacing, precision=precision)
     scores = image_scores(images, ref_stats, extractor, batch_size=batch_size, progress=progress, classes=classes)
     if classes:  # the same score for real training images: what a perfect model would get with this many images
         from features import METRIC
@@ -417,7 +425,7 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
              f"{PAPER['num_samples']} samples of {PAPER['steps']} ancestral steps with variance beta on CIFAR-10, FID "
              f"against the training set)")
     result = {**scores, "num_samples": num_samples, "steps": steps, "sampler": sampler, "eta": eta,
-              "spacing": spacing, "variance": shown_variance, "seed": seed,
+              "spacing": spacing, "variance": shown_variance, "seed": seed, "precision": precision,
               "batch_size": batch_size, "checkpoint_step": step, "dataset": dataset,
               "weights": "ema" if diffusers is None else f"diffusers {diffusers}",
               "ref": str(ref), "extractor": extractor.name, "comparable_with_paper": not reasons,
@@ -460,6 +468,7 @@ def _fashion_mnist_extractor(stats_cache: str | Path, progress: bool):
 def summary(result: dict, path: str | Path) -> str:
     """The one line main() prints."""
     how = f"variance {result['variance']}" if result.get("sampler", "ddpm") == "ddpm" else f"DDIM eta {result['eta']}"
+    how += f", {result['precision']}" if result.get("precision", "fp32") != "fp32" else ""
     spacing = f" {result['spacing']}" if result.get("spacing", "uniform") != "uniform" else ""
     if "metric" in result:
         return (f"{result['metric']}: {result['fid']:.3f} (real-data floor {result['fid_floor']:.3f} at "
@@ -493,12 +502,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="inception: FID Inception (needs its weights); fashion-mnist: the project's own classifier, "
                    "offline (FID against data/fashion-mnist/test.npy, with the real-data floor)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the sampler's: fp32 (default: exact, the samples the FID is usually reported for), bf16, or "
+                        "auto = bf16 where it is native (CUDA GPUs with bf16, CPUs with AMX-BF16), else fp32")
     args = p.parse_args(argv)
     try:
         result = evaluate(args.checkpoint, num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed, variance=args.variance, ref=args.ref, device=args.device,
                           stats_cache=args.stats_cache, features=args.features, sampler=args.sampler, eta=args.eta,
-                          spacing=args.spacing, diffusers=args.diffusers)
+                          spacing=args.spacing, diffusers=args.diffusers, precision=args.precision)
     except (EvalError, CheckpointError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -106,7 +106,7 @@ def training_minutes(history: list[dict]) -> list[float]:
     return minutes
 
 
-def curve(history: list[dict]) -> Image.Image:
+def curve(history: list[dict], num_samples: int | None = None) -> Image.Image:
     """Loss and EMA loss per epoch and, where measured, the FID, against minutes of training (FID time excluded)."""
     minutes = training_minutes(history)
     loss = line_chart({"loss (epoch mean)": (minutes, [float(r["loss"]) for r in history], BLUE),
@@ -116,7 +116,8 @@ def curve(history: list[dict]) -> Image.Image:
     if not measured:
         return loss
     fid = line_chart({"FID": ([m for m, _ in measured], [f for _, f in measured], GREEN)}, log_y=True,
-                     title="FID (Fashion-MNIST classifier features), eval.num_samples", xlabel="minutes of training")
+                     title=f"FID (Fashion-MNIST classifier features), {num_samples or '?'} samples",
+                     xlabel="minutes of training")
     both = Image.new("RGB", (loss.width + fid.width, loss.height), "white")
     both.paste(loss, (0, 0))
     both.paste(fid, (loss.width, 0))
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     grid = lambda x: Image.fromarray(image_grid(x).numpy())  # noqa: E731
     how = f"{s['sampler'].upper()}, {s['steps']} steps"
     _save(captioned([grid(images), grid(real)], [f"samples (EMA, {how})", "real training images"]), out / "samples.png")
-    _save(curve(history), out / "curve.png")
+    _save(curve(history, cfg.get("eval", {}).get("num_samples")), out / "curve.png")
     grids = sorted((run / "samples").glob("epoch_*.png"))
     by_epoch = {int(r["epoch"]): r for r in history}
     labels = []

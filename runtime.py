@@ -5,6 +5,7 @@ evaluate.py and bench.py import it; nothing here knows about the config file.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +38,34 @@ def resolve_device(spec: str | torch.device) -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 convolutions and matmuls natively: AMX-BF16 tiles (Intel Sapphire Rapids and later),
+    which oneDNN uses under autocast. Without them bf16 is emulated or converted and slower than fp32: a training step
+    of the paper's model took 1.5x to 2x as long in bf16 on a Xeon with AVX512-BF16 but no AMX, 13x on an AVX2 EPYC
+    (docs/benchmarks.md). AVX512-BF16 alone (for which torch's `_is_mkldnn_bf16_supported()` answers True) does not
+    make bf16 pay. The environment variable DDPM_CPU_BF16=0 or 1 overrides the detection (the tests set 0, so that
+    `auto` means fp32 in every test process on every CPU)."""
+    forced = os.environ.get("DDPM_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+
+
+_warned: set[str] = set()
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 autocast on GPUs that have it (the fast path), fp32 elsewhere (exact, bitwise reproducible).
-    A precision the device cannot run is a ValueError."""
+    """`auto`: bf16 autocast where the hardware runs it natively (CUDA GPUs with bf16; CPUs with AMX-BF16,
+    `cpu_has_native_bf16`), fp32 elsewhere (exact, bitwise reproducible). An explicit bf16 on a CPU without it runs,
+    after one warning line on stderr. A precision the device cannot run is a ValueError."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16() and "bf16" not in _warned:
+        _warned.add("bf16")  # once per process: train() resolves it in prepare() and again in build()
+        print("warning: bf16 on this CPU (no AMX-BF16) runs slower than fp32, emulated or converted; precision auto "
+              "picks fp32 here", file=sys.stderr)
     if precision not in AMP_DTYPES:
         raise ValueError(f"{precision!r}: expected auto, {', '.join(AMP_DTYPES)}")
     if precision == "fp16" and device.type != "cuda":

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 on GPUs that have it, else fp32 (exact); bf16 is ~3x faster on AMX CPUs")
+                   help="auto: bf16 where it is native (CUDA GPUs with bf16, CPUs with AMX-BF16), else fp32 (exact)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (pays for long runs)")
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
     p.add_argument("--npz", default=None, help="also write the uint8 images (N, H, W, C) to this .npz (key arr_0)")

@@ -1,5 +1,5 @@
 """Shared test settings: one CPU thread (fast, steady, bitwise-reproducible), every test starting from the same
-global random state, a derandomized hypothesis profile under CI, the `device` fixture that runs a test on cpu and,
+global random state and seeing a CPU without native bf16, a derandomized hypothesis profile under CI, the `device` fixture that runs a test on cpu and,
 when there is one, cuda, the small synthetic dataset that end-to-end tests train on and the `workdir` that links it
 in, and under CI no skips but the CUDA ones (a test that skips in CI has checked nothing)."""
 import os
@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 os.environ.setdefault("WANDB_SILENT", "true")
+# precision auto means fp32 in every test and every process it starts, on any CPU (on one with AMX-BF16 it would be
+# bf16, and tests compare runs with fp32 references); tests/test_precision.py checks both answers itself.
+os.environ["DDPM_CPU_BF16"] = "0"
 CI = bool(os.environ.get("CI"))
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
