@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import ddpm
 from checkpoint import atomic_write, image_grid, load_checkpoint, model_from_checkpoint
 from sample import generate, schedule_from_config
 
@@ -130,17 +131,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="folder for the PNG files")
     p.add_argument("--num-images", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None, help="samples.png's sampler (default: the run's)")
+    p.add_argument("--steps", type=int, default=None, help="its steps (default: the run's sample.steps)")
+    p.add_argument("--variance", choices=ddpm.VARIANCES, default=None, help="ddpm's σ² (default: the run's)")
     args = p.parse_args(argv)
     run, out = Path(args.run), Path(args.out)
     state = load_checkpoint(run / "checkpoint.pt")
     cfg, history = state["config"], read_history(run)
-    s = cfg["sample"]
+    chosen = {"sampler": args.sampler, "steps": args.steps, "variance": args.variance}
+    s = {**cfg["sample"], **{k: v for k, v in chosen.items() if v is not None}}
     images = generate(model_from_checkpoint(state), schedule_from_config(cfg), args.num_images, steps=s["steps"],
                       variance=s["variance"], clip=s["clip"], sampler=s["sampler"], eta=s["eta"], spacing=s["spacing"],
                       seed=args.seed)
     real = data.load_dataset(Path("data") / cfg["data"]["dataset"] / "train.npy")[:args.num_images]
     grid = lambda x: Image.fromarray(image_grid(x).numpy())  # noqa: E731
-    how = f"{s['sampler'].upper()}, {s['steps']} steps"
+    T = cfg["diffusion"]["num_timesteps"]
+    how = f"{s['sampler'].upper()}, {s['steps'] or T} steps"
+    if s["sampler"] == "ddpm":
+        how += ", σ² = " + {"beta": "β", "posterior": "β̃"}[ddpm.resolve_variance(s["variance"], s["steps"], T)]
     _save(captioned([grid(images), grid(real)], [f"samples (EMA, {how})", "real training images"]), out / "samples.png")
     _save(curve(history, cfg.get("eval", {}).get("num_samples")), out / "curve.png")
     grids = sorted((run / "samples").glob("epoch_*.png"))

@@ -51,6 +51,17 @@ def test_the_pictures_of_a_tiny_run_show_its_samples_real_images_and_epoch_grids
     assert torch.equal(panel(png, GAP, HEAD, grids[0]), grids[0])
     assert torch.equal(panel(png, 2 * GAP + grids[0].shape[2], HEAD, grids[1]), grids[1])
 
+    # --sampler/--steps choose samples.png's sampler instead of the run's (DDPM, 5 steps in TINY).
+    with torch.no_grad():
+        report.main(["--run", "runs/tiny", "--out", "pics2", "--num-images", "4", "--seed", "3", "--sampler", "ddim",
+                     "--steps", "3"])
+        other = generate(model_from_checkpoint(state), schedule_from_config(state["config"]), 4, steps=3,
+                         variance=s["variance"], clip=s["clip"], sampler="ddim", eta=s["eta"], spacing=s["spacing"],
+                         seed=3)
+    other = upscaled(image_grid(other).permute(2, 0, 1), SCALE)
+    assert not torch.equal(other, ours)
+    assert torch.equal(panel(decode_png(workdir / "pics2/samples.png"), GAP, HEAD, other), other)
+
     # curve.png: no FID measured in this run, so one panel.
     assert decode_png(workdir / "pics/curve.png").shape[1:] == (300, 520)
 
