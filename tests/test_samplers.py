@@ -544,3 +544,18 @@ def test_only_the_papers_settings_are_comparable_with_the_paper() -> None:
                            ({"variance": "posterior"}, "variance posterior"), ({"steps": 100}, "100 steps"),
                            ({"num_samples": 5000}, "5000 samples"), ({"dataset": "fashion-mnist"}, "dataset")]:
         assert [r for r in ev.paper_differences(**{**paper, **change}) if reason in r], change
+
+
+def test_the_grids_sampler_does_not_change_the_trained_weights(workdir: Path) -> None:
+    """Grids (and FID during training) draw from their own generators: a run that samples its grids with DDIM and
+    one that samples them ancestrally train the same weights bit for bit, and their grids differ."""
+    runs = {}
+    for sampler in ("ddpm", "ddim"):
+        cfg = tiny_config(**{"train.epochs": 2, "sample.every_epochs": 1, "sample.sampler": sampler,
+                             "out_dir": f"runs/{sampler}"})
+        train.train(cfg, progress=False)
+        runs[sampler] = checkpoint.load_checkpoint(Path(cfg.out_dir) / "checkpoint.pt")
+    for key in ("model", "ema"):
+        a, b = runs["ddpm"][key], runs["ddim"][key]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
+    assert (Path("runs/ddpm/samples/epoch_002.png").read_bytes() != Path("runs/ddim/samples/epoch_002.png").read_bytes())
