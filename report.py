@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     T = cfg["diffusion"]["num_timesteps"]
     how = f"{s['sampler'].upper()}, {s['steps'] or T} steps"
     if s["sampler"] == "ddpm":
-        how += ", σ² = " + {"beta": "β", "posterior": "β̃"}[ddpm.resolve_variance(s["variance"], s["steps"], T)]
+        how += f", variance {ddpm.resolve_variance(s['variance'], s['steps'], T)}"  # ASCII: the default font
     _save(captioned([grid(images), grid(real)], [f"samples (EMA, {how})", "real training images"]), out / "samples.png")
     _save(curve(history, cfg.get("eval", {}).get("num_samples")), out / "curve.png")
     grids = sorted((run / "samples").glob("epoch_*.png"))
