@@ -42,7 +42,7 @@ def extractor(fmnist_dir: Path, cache_dir: Path) -> features.FashionMNISTExtract
 
 
 @pytest.fixture(scope="session")
-def test_stats(fmnist_dir: Path, extractor) -> tuple[np.ndarray, np.ndarray]:
+def reference_stats(fmnist_dir: Path, extractor) -> tuple[np.ndarray, np.ndarray]:
     return ev.feature_stats(ev.extract_features(data.load_dataset(fmnist_dir / "test.npy"), extractor)[0])
 
 
@@ -63,16 +63,17 @@ def test_the_recipe_reaches_its_accuracy_and_is_cached(extractor, fmnist_dir: Pa
     assert all(torch.equal(a, b) for a, b in zip(extractor(test[:64]), again(test[:64])))
 
 
-def test_fid_of_real_images_is_small_and_rises_with_every_corruption(fmnist_dir: Path, extractor, test_stats) -> None:
+def test_fid_of_real_images_is_small_and_rises_with_every_corruption(fmnist_dir: Path, extractor,
+                                                                     reference_stats) -> None:
     """Measured on 2,000 training images against the 10,000 test images (2026-11-27): real 0.82; Gaussian
     noise of std 8, 16, 32 (of 255) 4.2, 18, 64; blur sigma 0.5, 1, 2: 12, 92, 210; 5%, 20%, 50% of each image's
     pixels shuffled: 16, 96, 202; uniform noise 331."""
     real = data.load_dataset(fmnist_dir / "train.npy")[:2000]
     g = torch.Generator().manual_seed(0)
     as_uint8 = lambda x: x.round().clamp(0, 255).to(torch.uint8)  # noqa: E731
-    fid_real = score(real, extractor, test_stats)
+    fid_real = score(real, extractor, reference_stats)
     assert fid_real < 2.0
-    noise = [score(as_uint8(real.float() + s * torch.randn(real.shape, generator=g)), extractor, test_stats)
+    noise = [score(as_uint8(real.float() + s * torch.randn(real.shape, generator=g)), extractor, reference_stats)
              for s in (8, 16, 32)]
     kernel = lambda s: torch.exp(-torch.arange(-4, 5.0) ** 2 / (2 * s * s))  # noqa: E731
     def blur(s: float) -> torch.Tensor:
@@ -80,7 +81,7 @@ def test_fid_of_real_images_is_small_and_rises_with_every_corruption(fmnist_dir:
         x = F.pad(real.float(), (4, 4, 4, 4), mode="reflect")
         x = F.conv2d(F.conv2d(x, k.view(1, 1, 1, 9)), k.view(1, 1, 9, 1))
         return as_uint8(x)
-    blurred = [score(blur(s), extractor, test_stats) for s in (0.5, 1.0, 2.0)]
+    blurred = [score(blur(s), extractor, reference_stats) for s in (0.5, 1.0, 2.0)]
     def shuffle(frac: float) -> torch.Tensor:
         x = real.clone().reshape(len(real), -1)
         k = int(frac * x.shape[1])
@@ -88,8 +89,8 @@ def test_fid_of_real_images_is_small_and_rises_with_every_corruption(fmnist_dir:
             idx = torch.randperm(x.shape[1], generator=g)[:k]
             row[idx] = row[idx[torch.randperm(k, generator=g)]]
         return x.reshape(real.shape)
-    shuffled = [score(shuffle(f), extractor, test_stats) for f in (0.05, 0.2, 0.5)]
-    uniform = score(torch.randint(0, 256, real.shape, generator=g, dtype=torch.uint8), extractor, test_stats)
+    shuffled = [score(shuffle(f), extractor, reference_stats) for f in (0.05, 0.2, 0.5)]
+    uniform = score(torch.randint(0, 256, real.shape, generator=g, dtype=torch.uint8), extractor, reference_stats)
     for series in (noise, blurred, shuffled):
         assert fid_real * 3 < series[0] < series[1] < series[2] < uniform, (fid_real, series, uniform)
     assert uniform > 100 * fid_real
@@ -175,7 +176,7 @@ def workdir(tmp_path: Path, fmnist_dir: Path, cache_dir: Path, monkeypatch) -> P
     return tmp_path
 
 
-def test_evaluate_reports_the_metric_the_floor_and_the_coverage(workdir: Path, extractor, test_stats) -> None:
+def test_evaluate_reports_the_metric_the_floor_and_the_coverage(workdir: Path, extractor, reference_stats) -> None:
     ckpt = fmnist_checkpoint(workdir / "run" / "checkpoint.pt")
     result = ev.evaluate(ckpt, num_samples=40, steps=3, batch_size=20, device="cpu", progress=False,
                          features="fashion-mnist")
@@ -183,10 +184,10 @@ def test_evaluate_reports_the_metric_the_floor_and_the_coverage(workdir: Path, e
     assert result["metric"] == "FID (Fashion-MNIST classifier features)" and result["extractor"] == extractor.name
     assert result["ref"] == "data/fashion-mnist/test.npy" and result["classifier_test_accuracy"] == extractor.test_accuracy
     real = data.load_dataset("data/fashion-mnist/train.npy")[:40]
-    assert result["fid_floor"] == pytest.approx(score(real, extractor, test_stats), rel=1e-12)
+    assert result["fid_floor"] == pytest.approx(score(real, extractor, reference_stats), rel=1e-12)
     assert result["floor_num_images"] == 40 and result["fid_over_floor"] == pytest.approx(result["fid"] / result["fid_floor"])
     samples = torch.cat([torch.from_numpy(np.load(p)) for p in sorted((workdir / "run" / "eval").rglob("shard_*.npy"))])
-    assert result["fid"] == pytest.approx(score(samples, extractor, test_stats), rel=1e-12)
+    assert result["fid"] == pytest.approx(score(samples, extractor, reference_stats), rel=1e-12)
     assert result["fid"] > max(100.0, 5 * result["fid_floor"])  # an untrained model's samples are noise
     assert 1.0 <= result["class_coverage"] <= 10.0 and "is_mean" not in result
     assert result["comparable_with_paper"] is False and "fashion-mnist features (not Inception FID)" in result["note"]
@@ -208,7 +209,7 @@ def test_evaluate_cli_prints_the_metric_by_name(workdir: Path, extractor) -> Non
 # ---------------------------------------------------------------- FID during training (eval.every_epochs)
 
 def test_fid_during_training_is_logged_and_equals_an_independent_evaluation(workdir: Path, extractor,
-                                                                             test_stats) -> None:
+                                                                             reference_stats) -> None:
     import csv
 
     import sample
@@ -227,7 +228,7 @@ def test_fid_during_training_is_logged_and_equals_an_independent_evaluation(work
     state = load_checkpoint(workdir / "runs/tiny/checkpoint.pt")
     images = sample.generate(model_from_checkpoint(state), sample.schedule_from_config(state["config"]), 24,
                              steps=4, sampler="ddim", variance="auto", seed=train.derive_seed(cfg.seed, 5))
-    assert float(rows[-1]["fid"]) == pytest.approx(score(images, extractor, test_stats), abs=1e-4)
+    assert float(rows[-1]["fid"]) == pytest.approx(score(images, extractor, reference_stats), abs=1e-4)
 
 
 def test_with_fid_during_training_the_sampler_settings_may_not_change_on_resume() -> None:

@@ -141,14 +141,23 @@ def test_evaluate_auto_samples_in_the_cpus_precision_into_its_own_folder(cpu, tm
 
 @pytest.mark.slow  # ~20 s: bf16 on a CPU without AMX is slow
 @pytest.mark.parametrize("amx_bf16", [True, False], ids=["amx", "no-amx"])
-def test_bench_compares_ours_with_diffusers_at_the_same_settings(cpu, amx_bf16: bool) -> None:
+def test_bench_compares_ours_with_diffusers_at_the_same_settings(cpu, monkeypatch, amx_bf16: bool) -> None:
     """auto's fast rows are bf16 + channels_last with AMX-BF16 (mocked), fp32 eager without; diffusers gets the
     same settings, and with bf16 the fp32 eager rows are there for what the precision buys."""
     cpu(amx_bf16)
+    built = []  # the settings each row was built with: ours and diffusers' must be the same
+
+    def recording(who: str, make):
+        return lambda *a, **kw: built.append((who, bench.label(**kw))) or make(*a, **kw)
+    for name in ("our_train_step", "diffusers_train_step", "our_sampler", "diffusers_sampler"):
+        monkeypatch.setattr(bench, name, recording(name.split("_")[0], getattr(bench, name)))
     args = Namespace(device="cpu", threads=torch.get_num_threads(), quick=True, batch=2, warmup=1, rounds=2,
                      sample_batch=2, sample_steps=1, compile="off", precision="auto", out=None)
     r = bench.bench(args)
     setting = "bf16+cl" if amx_bf16 else "fp32"
+    rows = {("our", setting), ("our", "fp32")} | ({("diffusers", setting), ("diffusers", "fp32")}
+                                                  if r["diffusers_skipped"] is None else set())
+    assert sorted(built) == sorted(list(rows) * 2)  # training and sampling
     assert r["precision"]["resolved"] == setting[:4] and r["precision"]["native_bf16"] is amx_bf16
     assert f"AMX-BF16: {'yes' if amx_bf16 else 'no'}" in r["precision"]["capability"]
     for part in (r["train"], r["sample"]):
