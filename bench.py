@@ -15,7 +15,6 @@ from what. diffusers is a benchmark-only dependency (requirements-bench.txt); wi
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -107,12 +106,6 @@ def our_train_step(model_args: dict, device: torch.device, batch: int, *, amp_dt
     return step
 
 
-def adam_options(device: torch.device) -> dict:
-    """The options train.build() gives Adam on `device` (fused or foreach), for diffusers' rows."""
-    opt = train.build(config.Config(), TINY, device).opt
-    return {k: opt.defaults[k] for k in ("fused", "foreach") if opt.defaults.get(k)}
-
-
 def diffusers_train_step(model_args: dict, device: torch.device, batch: int, *, amp_dtype: torch.dtype | None,
                          channels_last: bool, compile: bool) -> Callable[[], object]:
     """diffusers' training step (examples/unconditional_image_generation) with our settings: DDPMScheduler.add_noise,
@@ -122,7 +115,7 @@ def diffusers_train_step(model_args: dict, device: torch.device, batch: int, *, 
     from diffusers.training_utils import EMAModel
     torch.manual_seed(0)
     model = UNet2DModel(**diffusers_config(model_args)).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=LR, **adam_options(device))
+    opt = torch.optim.Adam(model.parameters(), lr=LR, **train.adam_options(device))
     if channels_last:
         model.to(memory_format=torch.channels_last)
     ema = EMAModel(model.parameters(), decay=EMA_DECAY, foreach=True)  # its copies in the model's memory format
@@ -269,7 +262,8 @@ def versions() -> dict:
 def precision_info(requested: str, device: torch.device) -> dict:
     """What `--precision` resolved to on `device` (runtime.resolve_precision) and the capability it followed."""
     if device.type == "cuda":
-        native, source = torch.cuda.is_bf16_supported(), f"{torch.cuda.get_device_name(device)}: bf16 supported"
+        native = torch.cuda.is_bf16_supported()
+        source = f"{torch.cuda.get_device_name(device)}: bf16 {'supported' if native else 'not supported'}"
     else:
         caps = torch.cpu.get_capabilities()
         native = cpu_has_native_bf16()

@@ -55,6 +55,12 @@ def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
 
 
+def adam_options(device: torch.device) -> dict:
+    """Adam's one-pass implementation on `device`: fused kernels on CUDA, foreach ops elsewhere (bench.py gives
+    diffusers' rows the same)."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, in one fused foreach op."""
@@ -90,8 +96,7 @@ def build(cfg: Config, unet_args: dict, device: torch.device, dist: Dist = Dist(
         raise ConfigError(f"model: cannot build this UNet on {device} ({' '.join(str(e).split())[:160]})") from None
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if tc.optimizer == "adam":
-        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fast)
+        opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **adam_options(device))
     else:
         opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
                               foreach=True)
