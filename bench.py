@@ -259,6 +259,17 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": dv, "cpu": cpu}
 
 
+def compile_settings(mode: str, device: torch.device, precision: str, quick: bool) -> tuple[bool, bool]:
+    """(compile training, compile sampling) for `--compile mode`. "auto" compiles where it was measured to pay
+    (docs/benchmarks.md): on CUDA both; on a CPU bf16 sampling only (1.27x on the AMX CPU), neither fp32 sampling
+    (0.98x and 0.97x on the CPU without AMX) nor training, whose step took 1.5 to 7 minutes to compile and ran no
+    faster. --quick compiles nothing unless told to."""
+    if mode != "auto":
+        return mode == "on", mode == "on"
+    cuda = device.type == "cuda"
+    return cuda, cuda or (not quick and precision == "bf16")
+
+
 def precision_info(requested: str, device: torch.device) -> dict:
     """What `--precision` resolved to on `device` (runtime.resolve_precision) and the capability it followed."""
     if device.type == "cuda":
@@ -312,13 +323,9 @@ def bench(args: argparse.Namespace) -> dict:
     warmup, rounds = (1, 2) if args.quick else (args.warmup, args.rounds)
     s_batch = args.sample_batch or (4 if args.quick else 256 if cuda else 8)
     s_steps = args.sample_steps or (2 if args.quick else 1000 if cuda else 5)
-    # torch.compile where it pays (docs/benchmarks.md): on CUDA; on CPU for sampling only, whose forward-only graph
-    # compiles in under a minute and runs faster, while the training step's took 1.5 to 7 minutes to compile and ran
-    # no faster (regionally compiled blocks: 5 minutes, and slower GroupNorm + SiLU + dropout kernels).
-    compile_train = args.compile == "on" or (args.compile == "auto" and cuda)
-    compile_sample = args.compile == "on" or (args.compile == "auto" and (cuda or not args.quick))
     precision = precision_info(args.precision, device)
     amp_dtype = torch.bfloat16 if precision["resolved"] == "bf16" else None
+    compile_train, compile_sample = compile_settings(args.compile, device, precision["resolved"], args.quick)
     channels_last = runtime.use_channels_last("auto", device, precision["resolved"])  # train.py's and sample.py's
     try:
         import diffusers  # noqa: F401
@@ -471,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample-batch", type=int, default=None, help="default 256 on CUDA, 8 on CPU")
     p.add_argument("--sample-steps", type=int, default=None, help="default 1000 on CUDA, 5 on CPU (extrapolated)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="try torch.compile: auto = training and sampling on CUDA, sampling only on CPU "
+                   help="try torch.compile: auto = training and sampling on CUDA, bf16 sampling only on a CPU "
                         "(not with --quick); on = both everywhere")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the fast rows' precision: auto = bf16 where native (CUDA with bf16, CPU with AMX-BF16), "

@@ -43,6 +43,23 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout's function (zero an element with probability p, scale the rest by 1 / (1 - p)) with a cheaper mask
+    on the CPU: one 32-bit random integer per element, drawn 64 bits at a time from the global generator, is compared
+    with p 2^32 (so p is kept to within 2^-33). torch's CPU dropout draws a float per element through bernoulli_ and
+    then divides and multiplies in separate passes: fwd+bwd at (16, 256, 16, 16) took 9.3 ms against 5.6 ms on one
+    core of the Xeon of docs/benchmarks.md. Elsewhere (CUDA: a fused kernel) it is nn.Dropout."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        threshold = round(self.p * 2**32)  # drop where the integer, read as unsigned, is below it
+        bits = torch.empty((x.numel() + 1) // 2, dtype=torch.int64, device=x.device).random_(-2**63, None)
+        keep = bits.view(torch.int32)[:x.numel()].view(x.shape) >= threshold - 2**31
+        scale = 2**32 / (2**32 - threshold)  # 1 / (1 - p) for the p that the threshold keeps
+        return x * keep.to(x.dtype).mul_(scale)  # the mask is saved for backward, as nn.Dropout's is
+
+
 class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, eps: float):
         super().__init__()
@@ -50,7 +67,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, c_out)
         self.norm2 = nn.GroupNorm(GROUPS, c_out, eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -72,9 +89,11 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)  # (B, 1, HW, C) each
-        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3 * C, H * W).chunk(3, dim=1)  # (B, C, HW) each, views
+        # Channel-major, as x is: the transposes are BLAS flags, not copies (SDPA wants (B, HW, C) and copies twice).
+        weights = torch.bmm(q.transpose(1, 2), k).mul_(C ** -0.5).softmax(dim=-1)  # (B, HW, HW): softmax(qk^T/√C)
+        h = torch.bmm(v, weights.transpose(1, 2))  # (B, C, HW): every position's weighted sum of v
+        return x + self.proj(h.view(B, C, H, W))
 
 
 class Downsample(nn.Conv2d):
@@ -87,6 +106,41 @@ class Downsample(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(F.pad(x, (0, 1, 0, 1)) if self.pad_after else x)
+
+
+def _upsample_kernel(w: Tensor) -> Tensor:
+    """The (C, O, 4, 4) kernel of the stride-2 transposed convolution that equals nearest 2x upsampling followed by
+    the 3x3 convolution `w` (O, C, 3, 3) with padding 1. After the upsampling, an even output row 2i sees input rows
+    i - 1, i, i through kernel rows 0, 1, 2, an odd one 2i + 1 sees rows i, i, i + 1: so input row i reaches output
+    rows 2i - 1 .. 2i + 2 through w2, w1 + w2, w0 + w1, w0 (and the same along columns)."""
+    def taps(w: Tensor, dim: int) -> Tensor:
+        w0, w1, w2 = w.unbind(dim)
+        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+    return taps(taps(w, 2), 3).transpose(0, 1)
+
+
+def upsample_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """conv3x3(nearest_upsample_2x(x), padding 1) as one transposed convolution of x (stride 2, padding 1): every
+    output pixel depends on a 2x2 window of x, so it does 16 multiply-adds per output pixel and channel pair instead
+    of 36, and the upsampled image is never built. (B, C, H, W) -> (B, O, 2H, 2W); equal to the two steps up to float
+    rounding (the folded weights are sums)."""
+    return F.conv_transpose2d(x, _upsample_kernel(weight), bias, stride=2, padding=1)
+
+
+class Upsample(nn.Sequential):
+    """Nearest-neighbour 2x upsampling, then a 3x3 convolution (state-dict keys `.1.weight`, `.1.bias`, as before).
+    From 8x8 inputs up it runs as `upsample_conv`: fwd+bwd at batch 16 and 256 channels took 196 ms instead of 428 at
+    16x16 and 61 instead of 94 at 8x8 on one core of the Xeon of docs/benchmarks.md; at 4x4 the two steps were
+    faster, so small inputs take them."""
+    MIN_PIXELS = 64
+
+    def __init__(self, c: int):
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2] * x.shape[-1] < self.MIN_PIXELS:
+            return super().forward(x)
+        return upsample_conv(x, self[1].weight, self[1].bias)
 
 
 class UNet(nn.Module):
@@ -136,7 +190,7 @@ class UNet(nn.Module):
                                            norm_eps))
                 c = channels * mult
             if level != 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
+                self.up.append(Upsample(c))
                 res *= 2
         assert not skips
         self.norm_out = nn.GroupNorm(GROUPS, c, norm_eps)

@@ -100,3 +100,16 @@ def test_diffusers_config_has_our_parameter_count(model_args):
     assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters())
     if model_args is bench.PAPER:
         assert math.isclose(sum(p.numel() for p in ours.parameters()), 35.7e6, rel_tol=2e-3)
+
+
+@pytest.mark.parametrize("mode, device, precision, quick, expected", [
+    ("auto", "cuda", "bf16", False, (True, True)),
+    ("auto", "cpu", "bf16", False, (False, True)),  # the AMX CPU: compiled bf16 sampling paid 1.27x
+    ("auto", "cpu", "fp32", False, (False, False)),  # the CPU without AMX: 0.98x and 0.97x, so not compiled
+    ("auto", "cpu", "bf16", True, (False, False)),
+    ("on", "cpu", "fp32", True, (True, True)),
+    ("off", "cuda", "bf16", False, (False, False)),
+])
+def test_compile_auto_compiles_only_where_it_was_measured_to_pay(mode: str, device: str, precision: str, quick: bool,
+                                                                  expected: tuple[bool, bool]) -> None:
+    assert bench.compile_settings(mode, torch.device(device), precision, quick) == expected
