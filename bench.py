@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="try torch.compile: auto = training and sampling on CUDA, bf16 sampling only on a CPU "
                         "(not with --quick); on = both everywhere")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    p.add_argument("--precision", choices=runtime.SAMPLING_PRECISIONS, default="auto",
                    help="the fast rows' precision: auto = bf16 where native (CUDA with bf16, CPU with AMX-BF16), "
                         "else fp32")
     p.add_argument("--out", default="bench.json")

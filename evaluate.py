@@ -37,7 +37,6 @@ PAPER = {"fid": 3.17, "is_mean": 9.46, "num_samples": 50_000, "steps": 1000, "da
 LEGACY_IDENTITY = {"sampler": "ddpm", "eta": 0.0, "spacing": "uniform"}
 IS_SPLITS = 10           # Salimans et al.'s code: the score's mean and std over 10 parts
 SEED_STRIDE = 2 ** 20    # shard k of --seed s uses generator seed s * SEED_STRIDE + k: seeds share no shard
-PRECISIONS = ("fp32", "bf16", "auto")  # the sampler's, --precision
 MAX_SEED = 2 ** 40
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the FID Inception; the stats cache key
 
@@ -384,8 +383,8 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
         device = runtime.resolve_device(device)
     except ValueError as e:
         raise ValueError(f"--device {e}") from None
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in runtime.SAMPLING_PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(runtime.SAMPLING_PRECISIONS)}, got {precision!r}")
     precision = runtime.resolve_precision(precision, device)
     if features not in ("inception", "fashion-mnist"):
         raise ValueError(f"--features must be inception or fashion-mnist, got {features!r}")
@@ -502,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="inception: FID Inception (needs its weights); fashion-mnist: the project's own classifier, "
                    "offline (FID against data/fashion-mnist/test.npy, with the real-data floor)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    p.add_argument("--precision", choices=runtime.SAMPLING_PRECISIONS, default="fp32",
                    help="the sampler's: fp32 (default: exact, the samples the FID is usually reported for), bf16, or "
                         "auto = bf16 where it is native (CUDA GPUs with bf16, CPUs with AMX-BF16), else fp32")
     args = p.parse_args(argv)

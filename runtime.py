@@ -14,6 +14,7 @@ from torch import Tensor
 
 # train.precision / --precision -> the autocast dtype (None: no autocast, fp32 throughout).
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")  # --precision of sample.py, evaluate.py, bench.py (fp16: training)
 
 
 def derive_seed(seed: int, stream: int, index: int = 0) -> int:

@@ -17,7 +17,7 @@ from torch import Tensor
 import ddpm
 from checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint, save_grid
 from config import Sample
-from runtime import amp_dtype, resolve_device, resolve_precision, use_channels_last
+from runtime import SAMPLING_PRECISIONS, amp_dtype, resolve_device, resolve_precision, use_channels_last
 
 
 def schedule_from_config(cfg: dict) -> ddpm.Schedule:
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="auto",
                    help="auto: bf16 where it is native (CUDA GPUs with bf16, CPUs with AMX-BF16), else fp32 (exact)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (pays for long runs)")
     p.add_argument("--out", default="samples.png", help="PNG grid to write")

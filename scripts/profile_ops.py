@@ -24,7 +24,7 @@ import bench  # noqa: E402
 import runtime  # noqa: E402
 from unet import UNet  # noqa: E402
 
-CONV_OPS = ("conv", "mkldnn_convolution", "cudnn_convolution", "convolution_backward")
+CONV = "conv"  # every convolution op and its backward has it in its name (mkldnn_, cudnn_, _slow_conv2d_...)
 
 
 def profile_fn(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> list[tuple[str, float, int]]:
@@ -49,7 +49,7 @@ def profile_fn(fn: Callable[[], object], device: torch.device, warmup: int, step
 
 def report(name: str, rows: list[tuple[str, float, int]], top: int) -> str:
     total = sum(r[1] for r in rows)
-    conv = sum(r[1] for r in rows if any(c in r[0] for c in CONV_OPS))
+    conv = sum(r[1] for r in rows if CONV in r[0])
     lines = [f"== {name}: {total * 1e3:.1f} ms self time per call; convolutions {100 * conv / total:.1f}%, "
              f"the rest {100 * (1 - conv / total):.1f}% ({(total - conv) * 1e3:.1f} ms)",
              f"{'op':<48} {'ms':>9} {'%':>6} {'calls':>6}"]
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--precision", choices=runtime.SAMPLING_PRECISIONS, default="auto")
     p.add_argument("--batch", type=int, default=16, help="training batch")
     p.add_argument("--sample-batch", type=int, default=8, help="images per sampling step")
     p.add_argument("--warmup", type=int, default=1)
@@ -85,14 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     variants = {"train ours": lambda: bench.our_train_step(model_args, device, args.batch, **settings)}
     if not args.no_diffusers:
         variants["train diffusers"] = lambda: bench.diffusers_train_step(model_args, device, args.batch, **settings)
-
-    def one_step(make):  # one sampling step (the network + the update), ours and diffusers', as bench races them
-        return lambda: make(**settings)
-    variants["sample step ours"] = one_step(lambda **kw: bench.our_sampler(
-        UNet(**model_args), device, args.sample_batch, 1, **kw))
+    # one sampling step (the network + the update), ours and diffusers', as bench races them
+    variants["sample step ours"] = lambda: bench.our_sampler(UNet(**model_args), device, args.sample_batch, 1,
+                                                             **settings)
     if not args.no_diffusers:
-        variants["sample step diffusers"] = one_step(lambda **kw: bench.diffusers_sampler(
-            model_args, device, args.sample_batch, 1, **kw))
+        variants["sample step diffusers"] = lambda: bench.diffusers_sampler(model_args, device, args.sample_batch, 1,
+                                                                            **settings)
     for name, make in variants.items():
         torch.manual_seed(0)
         text = report(name, profile_fn(make(), device, args.warmup, args.steps), args.top)

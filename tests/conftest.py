@@ -1,6 +1,6 @@
 """Shared test settings: one CPU thread (fast, steady, bitwise-reproducible), every test starting from the same
-global random state and seeing a CPU without native bf16, a derandomized hypothesis profile under CI, the `device` fixture that runs a test on cpu and,
-when there is one, cuda, the small synthetic dataset that end-to-end tests train on and the `workdir` that links it
+global random state and seeing a CPU without native bf16, a derandomized hypothesis profile under CI, the `device`
+fixture that runs a test on cpu and, when there is one, cuda, the small synthetic dataset that end-to-end tests train on and the `workdir` that links it
 in, and under CI no skips but the CUDA ones (a test that skips in CI has checked nothing)."""
 import os
 import sys
