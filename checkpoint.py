@@ -9,7 +9,7 @@ import io
 import json
 import os
 import re
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -27,11 +27,23 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message is one line and says what to do."""
 
 
+def _temporary(path: Path) -> tuple[int, Path]:
+    """A new file `.<name>.<random>.tmp` beside `path`, open for writing. It is created with mode 0o666, so that
+    the umask (and a folder's default ACL) applies as to any other file: `tempfile.mkstemp` would make it 0600."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that a crash at any moment leaves either the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -39,7 +51,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -110,8 +110,16 @@ class Train:
     momentum: float = field(default=0.9, metadata=_PROB)
     weight_decay: float = field(default=0.0, metadata=_NONNEG)
     warmup_steps: int = field(default=5000, metadata=_NONNEG)
+    lr_schedule: str = field(default="constant", metadata=_choices("constant", "cosine", "linear"))
+    min_lr: float = field(default=0.0, metadata=_NONNEG)  # where cosine/linear end, at the run's last step
+    max_steps: int | None = field(default=None, metadata=_check(lambda v: v is None or v >= 1, ">= 1 or null"))
     grad_clip: float | None = field(default=1.0, metadata=_check(lambda v: v is None or v > 0, "> 0 or null"))
     ema_decay: float = field(default=0.9999, metadata=_PROB)
+    ema_warmup: bool = False  # diffusers' EMAModel(use_ema_warmup=True): decay min(ema_decay, 1 - (1 + s/γ)^-p)
+    ema_inv_gamma: float = field(default=1.0, metadata=_POS)
+    ema_power: float = field(default=2 / 3, metadata=_POS)
+    loss_weighting: str = field(default="none", metadata=_choices("none", "min_snr"))
+    snr_gamma: float = field(default=5.0, metadata=_POS)  # min_snr only (Hang et al. 2023)
     precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16", "fp16"))
     compile: bool | str = field(default="auto", metadata=_choices("auto", True, False))
     channels_last: bool | str = field(default="auto", metadata=_choices("auto", True, False))
@@ -164,16 +172,20 @@ class Config:
 # Keys that may change between an interrupted run and its resume without changing what it trains. sample.* only
 # shape the preview grids drawn after the resume (the weights, history and metrics do not depend on them), and
 # checkpoints written before a sample key existed must still resume.
-RESUMABLE_KEYS = frozenset({"device", "train.epochs", "train.checkpoint_every", "data.num_workers", "data.root",
-                            "data.source", "data.md5", "wandb.mode", "wandb.project", "wandb.entity", "wandb.log_every",
+RESUMABLE_KEYS = frozenset({"device", "train.epochs", "train.max_steps", "train.checkpoint_every", "data.num_workers",
+                            "data.root", "data.source", "data.md5", "wandb.mode", "wandb.project", "wandb.entity", "wandb.log_every",
                             *(f"sample.{f.name}" for f in dataclasses.fields(Sample))})
 
 
 def resumable_keys(cfg: Config) -> frozenset[str]:
-    """RESUMABLE_KEYS, less the sample.* keys when FID during training (eval.every_epochs) samples with them."""
-    if not cfg.eval.every_epochs:
-        return RESUMABLE_KEYS
-    return RESUMABLE_KEYS - {f"sample.{f.name}" for f in dataclasses.fields(Sample)}
+    """RESUMABLE_KEYS, less the sample.* keys when FID during training (eval.every_epochs) samples with them, and
+    less train.epochs and train.max_steps when the learning rate decays to the run's last step (they set it)."""
+    keys = RESUMABLE_KEYS
+    if cfg.eval.every_epochs:
+        keys -= {f"sample.{f.name}" for f in dataclasses.fields(Sample)}
+    if cfg.train.lr_schedule != "constant":
+        keys -= {"train.epochs", "train.max_steps"}
+    return keys
 
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -244,8 +256,10 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"diffusion.beta_start: {d.beta_start} is larger than diffusion.beta_end {d.beta_end}")
     if s.steps is not None and s.steps > d.num_timesteps:
         raise ConfigError(f"sample.steps: {s.steps} is more than diffusion.num_timesteps {d.num_timesteps}")
-    if s.sampler == "ddpm" and s.eta != 0:
-        raise ConfigError(f"sample.eta: {s.eta} applies to sample.sampler ddim only (ancestral sampling has no eta)")
+    if s.sampler != "ddim" and s.eta != 0:
+        raise ConfigError(f"sample.eta: {s.eta} applies to sample.sampler ddim only ({s.sampler} has no eta)")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"train.min_lr: {cfg.train.min_lr} is larger than train.lr {cfg.train.lr}")
     if cfg.eval.features == "fashion-mnist" and cfg.data.dataset != "fashion-mnist":
         raise ConfigError(f"eval.features: fashion-mnist scores Fashion-MNIST samples, not {cfg.data.dataset} "
                           "(use auto or inception)")

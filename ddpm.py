@@ -115,16 +115,36 @@ def draw_t_noise(schedule: Schedule, shape: tuple[int, ...], *, generator: torch
     return t, _randn(tuple(shape), generator, device, dtype)
 
 
+def snr(schedule: Schedule) -> Tensor:
+    """The signal-to-noise ratio of x_t, SNR(t) = ᾱ_t / (1 - ᾱ_t) (Kingma et al. 2021, eq. 1), length T. From the
+    square roots, which were computed in float64: 1 - ᾱ_t of a float32 ᾱ_t loses digits where ᾱ_t is near 1."""
+    return (schedule.sqrt_alphas_cumprod / schedule.sqrt_one_minus_alphas_cumprod) ** 2
+
+
+def min_snr_weights(schedule: Schedule, t: Tensor, gamma: float) -> Tensor:
+    """Min-SNR-γ loss weights for ε-prediction (Hang et al. 2023, arXiv:2303.09556, eq. 9 with ε's target):
+    w_t = min(SNR(t), γ) / SNR(t), shape (B,). 1 at the noisy end, γ / SNR(t) where the image is nearly clean."""
+    if not gamma > 0:  # also rejects NaN
+        raise ValueError(f"gamma must be > 0, got gamma={gamma!r}")
+    assert t.ndim == 1 and t.dtype == torch.long, (t.shape, t.dtype)
+    s = snr(schedule)[t]
+    return s.clamp(max=gamma) / s
+
+
 def loss(schedule: Schedule, model: Model, x0: Tensor, *, t: Tensor | None = None, noise: Tensor | None = None,
-         generator: torch.Generator | None = None) -> Tensor:
-    """L_simple (Algorithm 1, eq. 14): E_{t, ε} ||ε - ε_θ(x_t, t)||², t uniform in [0, T), ε ~ N(0, I)."""
+         generator: torch.Generator | None = None, snr_gamma: float | None = None) -> Tensor:
+    """L_simple (Algorithm 1, eq. 14): E_{t, ε} ||ε - ε_θ(x_t, t)||², t uniform in [0, T), ε ~ N(0, I). With
+    `snr_gamma`, each image's squared error is weighted by `min_snr_weights` (Min-SNR-γ) before the mean."""
     if t is None or noise is None:
         t_drawn, noise_drawn = draw_t_noise(schedule, x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = t_drawn if t is None else t
         noise = noise_drawn if noise is None else noise
     eps = model(q_sample(schedule, x0, t, noise), t)
     assert eps.shape == x0.shape, f"model returned {tuple(eps.shape)}, expected {tuple(x0.shape)}"
-    return torch.mean((eps.float() - noise.float()) ** 2)
+    if snr_gamma is None:
+        return torch.mean((eps.float() - noise.float()) ** 2)
+    per_image = ((eps.float() - noise.float()) ** 2).flatten(1).mean(1)  # (B,)
+    return torch.mean(min_snr_weights(schedule, t, snr_gamma) * per_image)
 
 
 def predict_x0(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -186,7 +206,55 @@ def ddim_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, noise: Te
     return ab_prev.sqrt() * x0 + direction * eps + sigma * noise
 
 
-SAMPLERS = ("ddpm", "ddim")
+def _alpha_sigma(schedule: Schedule, k: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """(α_k, σ_k) = (sqrt(ᾱ_k), sqrt(1 - ᾱ_k)) for k >= -1, each (B, 1, 1, 1), from the fields computed in float64
+    (1 - ᾱ in float32 loses 3 digits where ᾱ ≈ 1). k = -1 is ᾱ_{-1} = 1: (1, 0)."""
+    before_first = (k < 0).reshape(-1, *([1] * (len(shape) - 1)))
+    k = k.clamp(min=0)
+    alpha = extract(schedule.sqrt_alphas_cumprod, k, shape)
+    sigma = extract(schedule.sqrt_one_minus_alphas_cumprod, k, shape)
+    return alpha.masked_fill(before_first, 1.0), sigma.masked_fill(before_first, 0.0)
+
+
+def dpmpp_2m_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, x0_prev: Tensor | None = None, *,
+                  clip: bool = True) -> tuple[Tensor, Tensor]:
+    """One step x_t -> x_{t-1} of DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2). Returns
+    (x_{t-1}, x̂_0): x̂_0 is this step's data prediction, the `x0_prev` of the step from t - 1.
+    With α = sqrt(ᾱ), σ = sqrt(1 - ᾱ), λ = log(α / σ) (half the log-SNR) and h = λ_{t-1} - λ_t, Algorithm 2's update
+    (the exact solution of the ODE in data-prediction form, x_{t-1} = (σ_{t-1} / σ_t) x_t + σ_{t-1} ∫ e^λ x_0(λ) dλ
+    over [λ_t, λ_{t-1}], with x_0(λ) extrapolated linearly in λ from the last two predictions) is
+        x_{t-1} = (σ_{t-1} / σ_t) x_t - α_{t-1} (e^{-h} - 1) D  =  α_{t-1} D + σ_{t-1} (x_t - α_t D) / σ_t,
+        D = x̂_0 + (h / 2h') (x̂_0 - x0_prev),   h' = λ_t - λ_{t+1}   (Algorithm 2: r = h' / h),
+    i.e. DDIM's deterministic step (Song et al. 2021, eq. 12 with σ = 0) with x̂_0 replaced by D. The second form is
+    the one computed: it has no e^{-h} - 1 to lose digits in when h is small, and it holds at λ_{t-1} = ∞.
+    First order (D = x̂_0, DDIM's step exactly) when `x0_prev` is None (the first step) and at t = 0, the final step,
+    which goes to ᾱ_{-1} = 1 (σ = 0, λ = ∞) and so returns x̂_0 (diffusers' final_sigmas_type="zero"; there h = ∞
+    and the second order is undefined).
+    `t` indexes `schedule` (respaced or not): the chain visits its timesteps t + 1, t, t - 1, and `x0_prev` is the
+    x̂_0 of the step from t + 1. x̂_0 = `predict_x0` (eq. 4 solved for x_0). With `clip`, x̂_0 is clamped to [-1, 1]
+    before it is used: that clamped x̂_0 enters D, is returned, and is extrapolated from at the next step; D itself
+    is not clamped (it may leave [-1, 1] by h / 2h' times the change). diffusers' DPMSolverMultistepScheduler has no
+    clip option; its `thresholding=True` with the default `sample_max_value=1.0` reduces to this same clamp (the
+    dynamic threshold s is clamped to [1, sample_max_value] = 1, and x̂_0 is clamped to [-s, s] and divided by s)."""
+    assert eps.shape == x_t.shape, (eps.shape, x_t.shape)
+    shape = x_t.shape
+    x0 = predict_x0(schedule, eps, x_t, t)
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    alpha, sigma = _alpha_sigma(schedule, t, shape)
+    alpha_to, sigma_to = _alpha_sigma(schedule, t - 1, shape)
+    d = x0
+    if x0_prev is not None:
+        assert x0_prev.shape == shape, (x0_prev.shape, shape)
+        assert (t + 1 < schedule.num_timesteps).all(), "x0_prev is the prediction at t + 1, which must exist"
+        lam_from, lam, lam_to = (a.log() - s.log() for a, s in (_alpha_sigma(schedule, t + 1, shape), (alpha, sigma),
+                                                                  (alpha_to, sigma_to)))
+        second = x0 + (lam_to - lam) / (2 * (lam - lam_from)) * (x0 - x0_prev)  # not finite at t = 0 (λ_{-1} = ∞)
+        d = torch.where(t.reshape(-1, *([1] * (len(shape) - 1))) > 0, second, x0)
+    return alpha_to * d + sigma_to * (x_t - alpha * d) / sigma, x0
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 SPACINGS = ("uniform", "quadratic", "leading", "trailing")
 VARIANCES = ("auto", "beta", "posterior")
 
@@ -250,22 +318,25 @@ def resolve_variance(variance: str, steps: int | None, num_timesteps: int) -> st
 
 @torch.no_grad()
 def sample(schedule: Schedule, model: Model, shape: tuple[int, ...], *, steps: int | None = None,
-           variance: str = "beta", clip: bool = True, generator: torch.Generator | None = None,
+           variance: str = "auto", clip: bool = True, generator: torch.Generator | None = None,
            device: torch.device | str | None = None, progress: bool = False, sampler: str = "ddpm",
            eta: float = 0.0, spacing: str = "uniform") -> Tensor:
     """Images in [-1, 1] on `device` (default: the schedule's) from x_T ~ N(0, I), by ancestral sampling
-    (sampler "ddpm": Algorithm 2, σ² from `resolve_variance`) or DDIM (sampler "ddim": `ddim_step` with `eta`).
-    With `steps` < T both run on the schedule respaced to `spaced_timesteps(T, steps, spacing)` (`respace`);
-    the model still receives the original timestep indices. DDIM with η = 0 draws nothing after x_T."""
+    (sampler "ddpm": Algorithm 2, σ² from `resolve_variance`), DDIM (sampler "ddim": `ddim_step` with `eta`) or
+    DPM-Solver++(2M) (sampler "dpm++2m": `dpmpp_2m_step`, deterministic). With `steps` < T they run on the schedule
+    respaced to `spaced_timesteps(T, steps, spacing)` (`respace`); the model still receives the original timestep
+    indices. `eta` applies to DDIM only and `variance` to ancestral sampling only; the defaults are config.yaml's
+    sample.* defaults. DDIM with η = 0 and DPM-Solver++(2M) draw nothing after x_T."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got sampler={sampler!r}")
     _check_eta(eta)
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError(f"eta applies to sampler 'ddim' only, got eta={eta!r} with sampler 'ddpm'")
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(f"eta applies to sampler 'ddim' only, got eta={eta!r} with sampler {sampler!r}")
     device = torch.device(device) if device is not None else schedule.device
     variance = resolve_variance(variance, steps, schedule.num_timesteps)
     sched, taus = respace(schedule.to(device), steps if steps is not None else schedule.num_timesteps, spacing)
     x = _randn(shape, generator, device)
+    x0 = None  # DPM-Solver++(2M)'s previous data prediction: the one state a step hands to the next
     indices = range(len(taus) - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm
@@ -276,6 +347,8 @@ def sample(schedule: Schedule, model: Model, shape: tuple[int, ...], *, steps: i
         if sampler == "ddim":
             noise = _randn(shape, generator, device) if eta > 0 else torch.zeros_like(x)
             x = ddim_step(sched, eps, x, t, noise, eta=eta, clip=clip)
+        elif sampler == "dpm++2m":
+            x, x0 = dpmpp_2m_step(sched, eps, x, t, x0, clip=clip)
         else:
             x = p_sample_step(sched, eps, x, t, _randn(shape, generator, device), variance=variance, clip=clip)
     return x.clamp(-1.0, 1.0)

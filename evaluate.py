@@ -8,8 +8,10 @@ FID (Heusel et al. 2017) against the training set and IS (Salimans et al. 2016),
 Offline, for Fashion-MNIST: FID in the features of the project's own classifier (features.py) against the test
 set, beside the real-data floor at the same number of images, and the class coverage.
 Samples go to <checkpoint dir>/eval/samples_<steps>_..._<seed>/ (see `samples_folder`) in shards written atomically,
-so an interrupted run continues where it stopped; the result to <checkpoint dir>/eval.json. The network is
-torch-fidelity's port of the TF FID Inception (requirements-eval.txt), never downloaded from here.
+so an interrupted run continues where it stopped; the result, beside them, to a record of its own named by its
+settings, <checkpoint dir>/eval/samples_<...>_n<num samples>_<features>.json (see `record_path`), and with
+--metrics also to the file DVC reads (eval/dvc.yaml). The network is torch-fidelity's port of the TF FID
+Inception (requirements-eval.txt), never downloaded from here.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import sample
 from checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint, write_json
 
 PAPER = {"fid": 3.17, "is_mean": 9.46, "num_samples": 50_000, "steps": 1000, "dataset": "cifar10", "variance": "beta",
-         "sampler": "ddpm"}
+         "sampler": "ddpm", "clip": True}
 # What a meta.json written before sampler, eta and spacing existed sampled with: its shards stay valid.
 LEGACY_IDENTITY = {"sampler": "ddpm", "eta": 0.0, "spacing": "uniform"}
 IS_SPLITS = 10           # Salimans et al.'s code: the score's mean and std over 10 parts
@@ -216,6 +218,16 @@ def load_images(path: str | Path) -> Tensor:
     raise EvalError(f"{path}: --ref must be a folder of PNGs, an .npz (images arr_0, or mu and sigma) or a .npy")
 
 
+def default_ref(dataset: str, features: str) -> Path:
+    """The reference when none is given: the test set for the Fashion-MNIST classifier, else the training set."""
+    return Path("data") / dataset / ("test.npy" if features == "fashion-mnist" else "train.npy")
+
+
+def _label(ref: Path) -> str:
+    """A reference's name for file names: its folder and stem, e.g. cifar10-train."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(p for p in (ref.parent.name, ref.stem) if p))
+
+
 def reference_stats(ref: str | Path, extractor: Extractor, *, cache_dir: str | Path, batch_size: int = 256,
                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the reference: read from an .npz of statistics, or computed from its images once and
@@ -230,9 +242,8 @@ def reference_stats(ref: str | Path, extractor: Extractor, *, cache_dir: str | P
     images = load_images(ref)
     digest = hashlib.sha256(repr(tuple(images.shape)).encode())
     digest.update(images.contiguous().numpy())
-    label = "-".join(p for p in (ref.parent.name, ref.stem) if p)
-    safe = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "-", s)  # noqa: E731
-    cache = Path(cache_dir) / f"{safe(label)}_{safe(extractor.name)}_{digest.hexdigest()[:16]}.npz"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", extractor.name)
+    cache = Path(cache_dir) / f"{_label(ref)}_{name}_{digest.hexdigest()[:16]}.npz"
     if cache.is_file():
         try:
             z = _read_npz(cache)
@@ -290,7 +301,7 @@ def _read_shard(path: Path, shape: tuple[int, ...]) -> Tensor | None:
 def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict, *, num_samples: int,
                   batch_size: int, steps: int, variance: str, seed: int, device: torch.device,
                   progress: bool = False, generate: Callable[..., Tensor] = sample.generate, sampler: str = "ddpm",
-                  eta: float = 0.0, spacing: str = "uniform", precision: str = "fp32") -> Tensor:
+                  eta: float = 0.0, spacing: str = "uniform", precision: str = "fp32", clip: bool = True) -> Tensor:
     """The first `num_samples` images, uint8 (N, C, H, W), of shards of `batch_size` images in `folder`,
     generating only the missing ones. Shard k is one batch with generator seed `seed * SEED_STRIDE + k`, so the
     shards equal `generate(model, schedule, k * batch_size, batch_size=batch_size, seed=seed * SEED_STRIDE)`
@@ -305,7 +316,7 @@ def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict
             x = _read_shard(path, shape)
             if x is None:
                 x = generate(model, schedule, batch_size, batch_size=batch_size, steps=steps, variance=variance,
-                             clip=True, seed=seed * SEED_STRIDE + k, device=device, progress=progress,
+                             clip=clip, seed=seed * SEED_STRIDE + k, device=device, progress=progress,
                              sampler=sampler, eta=eta, spacing=spacing, precision=precision)
                 atomic_save(path, np.save, x.numpy())
             out.append(x)
@@ -315,26 +326,41 @@ def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict
 
 # ---------------------------------------------------------------- the evaluation
 
+SETTINGS = ("steps", "seed", "sampler", "eta", "spacing", "variance", "precision", "clip")  # samples_folder's
+
+
 def samples_folder(steps: int, seed: int, sampler: str, eta: float, spacing: str, variance: str | None,
-                   precision: str = "fp32") -> str:
+                   precision: str = "fp32", clip: bool = True) -> str:
     """The shard folder's name: every setting that changes the samples, so that no two settings share one.
-    Ancestral sampling on the uniform spacing in fp32 keeps the name it had before DDIM, spacings and bf16 existed
-    (samples_<steps>_<variance>_<seed>), so shards sampled then are still found."""
-    how = variance if sampler == "ddpm" else f"ddim-eta{eta!r}"
+    Clipped ancestral sampling on the uniform spacing in fp32 keeps the name it had before DDIM, spacings, bf16 and
+    unclipped evaluations existed (samples_<steps>_<variance>_<seed>), so shards sampled then are still found."""
+    how = {"ddpm": variance, "ddim": f"ddim-eta{eta!r}"}.get(sampler, sampler)
     return f"samples_{steps}{'' if spacing == 'uniform' else '_' + spacing}_{how}_{seed}" \
-        + ("" if precision == "fp32" else f"_{precision}")
+        + ("" if precision == "fp32" else f"_{precision}") + ("" if clip else "_noclip")
 
 
-def paper_differences(*, num_samples: int, steps: int, dataset: str, sampler: str, variance: str | None) -> list[str]:
+def record_path(out_dir: str | Path, result: dict) -> Path:
+    """Where an evaluation's result goes, beside its shards: `<out_dir>/eval/<shard folder>_n<num_samples>_<features>
+    .json`, plus `_ref-<name>` for a --ref other than the default. Every setting that changes the score is in the
+    name, so no evaluation overwrites another's record; it is made from the result alone, so a record names itself."""
+    ref = Path(result["ref"])
+    ref_tag = "" if ref == default_ref(result["dataset"], result["features"]) else f"_ref-{_label(ref)}"
+    folder = samples_folder(**{k: result[k] for k in SETTINGS})
+    return Path(out_dir) / "eval" / f"{folder}_n{result['num_samples']}_{result['features']}{ref_tag}.json"
+
+
+def paper_differences(*, num_samples: int, steps: int, dataset: str, sampler: str, variance: str | None,
+                      clip: bool = True) -> list[str]:
     """Why a result is not comparable with Ho et al. 2020, Table 1 (empty: it is); `variance` is resolved."""
     return ([f"{num_samples} samples"] * (num_samples < PAPER["num_samples"])
             + [f"{steps} steps"] * (steps < PAPER["steps"]) + [f"dataset {dataset}"] * (dataset != PAPER["dataset"])
             + [f"sampler {sampler}"] * (sampler != PAPER["sampler"])
-            + [f"variance {variance}"] * (sampler == PAPER["sampler"] and variance != PAPER["variance"]))
+            + [f"variance {variance}"] * (sampler == PAPER["sampler"] and variance != PAPER["variance"])
+            + ["x0 not clipped"] * (clip != PAPER["clip"]))
 
 
 def results_dir(checkpoint_path: str | Path | None, diffusers: str | None = None) -> Path:
-    """Where eval.json and eval/ go: beside the checkpoint; in a diffusers model's folder, or for a hub id in
+    """Where eval/ (shards and records) goes: beside the checkpoint; in a diffusers model's folder, or for a hub id in
     runs/diffusers/<owner>--<name>."""
     if diffusers is None:
         return Path(checkpoint_path).parent
@@ -346,8 +372,9 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
              device: str | torch.device = "auto", extractor: Extractor | None = None, progress: bool = True,
              stats_cache: str | Path = "data/fid_stats", features: str = "inception",
              generate: Callable[..., Tensor] = sample.generate, sampler: str = "ddpm", eta: float = 0.0,
-             spacing: str = "uniform", diffusers: str | None = None, precision: str = "fp32") -> dict:
-    """FID and IS of `num_samples` EMA samples of the checkpoint; writes and returns eval.json's content.
+             spacing: str = "uniform", diffusers: str | None = None, precision: str = "fp32",
+             clip: bool | None = None) -> dict:
+    """FID and IS of `num_samples` EMA samples of the checkpoint; writes the result to `record_path` and returns it.
     `ref` defaults to the config's training set, data/<dataset>/train.npy; `extractor` to the FID Inception.
     `features="fashion-mnist"`: the classifier of features.py instead (offline), FID against the test set
     data/fashion-mnist/test.npy, the real-data floor (the first `num_samples` training images scored the same way)
@@ -355,11 +382,14 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
     Everything that can fail on setup (checkpoint, extractor, reference) does so before any sampling.
     With `diffusers` (a diffusers model's folder or hub id, instead of a checkpoint), `ref` defaults to CIFAR-10's
     for 3x32x32 images; see `results_dir` for where the results go. `precision` (fp32, bf16, or auto: bf16 where it is
-    native, runtime.resolve_precision) is the sampler's: bf16 samples are other samples, in a folder of their own."""
+    native, runtime.resolve_precision) is the sampler's: bf16 samples are other samples, in a folder of their own.
+    `clip` (the predicted x0 to [-1, 1]) defaults to the checkpoint's sample.clip, the rule FID during training
+    follows (`training_scorer`); a diffusers model clips, as its DDPMScheduler does by default."""
     if diffusers is not None:
         from export import load_diffusers
         model, schedule = load_diffusers(diffusers)
         step, weights, dataset = None, model.state_dict(), "cifar10"  # as its 3x32x32 images suggest; else --ref
+        own_clip = True
         if ref is None and (model.in_channels, model.image_size) != (3, 32):
             raise EvalError(f"{diffusers}: its {model.in_channels}x{model.image_size}x{model.image_size} images are "
                             f"not CIFAR-10's: pass --ref")
@@ -367,6 +397,8 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
         state = load_checkpoint(checkpoint_path, advice="(is it a checkpoint.pt written by train.py?)")
         schedule = sample.schedule_from_config(state["config"])
         step, weights, dataset = state["step"], state["ema"], state["config"]["data"]["dataset"]
+        own_clip = state["config"]["sample"]["clip"]
+    clip = own_clip if clip is None else clip
     steps = schedule.num_timesteps if steps is None else steps
     if not 1 <= steps <= schedule.num_timesteps:
         raise ValueError(f"--steps must be in [1, {schedule.num_timesteps}], got {steps}")
@@ -392,7 +424,7 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
     if classes and dataset != "fashion-mnist":
         raise EvalError(f"--features fashion-mnist scores Fashion-MNIST samples; {checkpoint_path or diffusers} was trained on "
                         f"{dataset}")
-    ref = Path("data") / dataset / ("test.npy" if classes else "train.npy") if ref is None else Path(ref)
+    ref = default_ref(dataset, features) if ref is None else Path(ref)
     if not ref.exists():
         raise EvalError(f"{ref}: reference not found" + ("" if ref.suffix != ".npy" else
                         f"; run `python data.py --config config.yaml data.dataset={dataset}` first, or pass --ref"))
@@ -400,16 +432,17 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
         extractor = _fashion_mnist_extractor(stats_cache, progress) if classes else inception_extractor(device)
     ref_stats = reference_stats(ref, extractor, cache_dir=stats_cache, batch_size=batch_size, progress=progress)
     model = model.to(device) if diffusers is not None else model_from_checkpoint(state, ema=True, device=device)
-    identity = {"checkpoint_step": step, "ema_sha256": weights_digest(weights), "steps": steps,
-                "variance": shown_variance, "seed": seed, "seed_stride": SEED_STRIDE, "batch_size": batch_size,
-                "clip": True, "image_shape": [model.in_channels, model.image_size, model.image_size],
-                "sampler": sampler, "eta": eta, "spacing": spacing,
-                **({} if precision == "fp32" else {"precision": precision})}  # fp32: as identities were before bf16
+    settings = {"steps": steps, "seed": seed, "sampler": sampler, "eta": eta, "spacing": spacing,
+                "variance": shown_variance, "precision": precision, "clip": clip}
+    identity = {"checkpoint_step": step, "ema_sha256": weights_digest(weights), "seed_stride": SEED_STRIDE,
+                "batch_size": batch_size, "image_shape": [model.in_channels, model.image_size, model.image_size],
+                **{k: v for k, v in settings.items() if (k, v) != ("precision", "fp32")}}  # fp32: as before bf16
     out_dir = results_dir(checkpoint_path, diffusers)
-    folder = out_dir / "eval" / samples_folder(steps, seed, sampler, eta, spacing, shown_variance, precision)
+    folder = out_dir / "eval" / samples_folder(**settings)
     images = sample_shards(model, schedule, folder, identity, num_samples=num_samples, batch_size=batch_size,
                            steps=steps, variance=variance, seed=seed, device=device, progress=progress,
-                           generate=generate, sampler=sampler, eta=eta, spacing=spacing, precision=precision)
+                           generate=generate, sampler=sampler, eta=eta, spacing=spacing, precision=precision,
+                           clip=clip)
     scores = image_scores(images, ref_stats, extractor, batch_size=batch_size, progress=progress, classes=classes)
     if classes:  # the same score for real training images: what a perfect model would get with this many images
         from features import METRIC
@@ -419,18 +452,17 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
                       floor_class_coverage=floor["class_coverage"], floor_num_images=len(real),
                       classifier_test_accuracy=getattr(extractor, "test_accuracy", None))
     reasons = [f"{features} features (not Inception FID)"] * classes + paper_differences(
-        num_samples=num_samples, steps=steps, dataset=dataset, sampler=sampler, variance=shown_variance)
+        num_samples=num_samples, steps=steps, dataset=dataset, sampler=sampler, variance=shown_variance, clip=clip)
     paper = (f"the paper (Ho et al. 2020, Table 1: FID {PAPER['fid']}, IS {PAPER['is_mean']} from "
              f"{PAPER['num_samples']} samples of {PAPER['steps']} ancestral steps with variance beta on CIFAR-10, FID "
              f"against the training set)")
-    result = {**scores, "num_samples": num_samples, "steps": steps, "sampler": sampler, "eta": eta,
-              "spacing": spacing, "variance": shown_variance, "seed": seed, "precision": precision,
+    result = {**scores, **settings, "num_samples": num_samples, "features": features,
               "batch_size": batch_size, "checkpoint_step": step, "dataset": dataset,
               "weights": "ema" if diffusers is None else f"diffusers {diffusers}",
               "ref": str(ref), "extractor": extractor.name, "comparable_with_paper": not reasons,
               "note": f"comparable with {paper}" if not reasons
               else f"NOT comparable with {paper}: {', '.join(reasons)}"}
-    write_json(out_dir / "eval.json", result)
+    write_json(record_path(out_dir, result), result)
     return result
 
 
@@ -444,8 +476,8 @@ def training_scorer(cfg, device: torch.device, *, stats_cache: str | Path = "dat
         ("fashion-mnist" if cfg.data.dataset == "fashion-mnist" else "inception")
     classes = features == "fashion-mnist"
     extractor = _fashion_mnist_extractor(stats_cache, progress) if classes else inception_extractor(device)
-    ref = Path("data") / cfg.data.dataset / ("test.npy" if classes else "train.npy")
-    ref_stats = reference_stats(ref, extractor, cache_dir=stats_cache, progress=progress)
+    ref_stats = reference_stats(default_ref(cfg.data.dataset, features), extractor, cache_dir=stats_cache,
+                                progress=progress)
     schedule, s = sample.schedule_from_config({"diffusion": dataclasses.asdict(cfg.diffusion)}), cfg.sample
 
     def score(model: torch.nn.Module, seed: int) -> dict:
@@ -466,8 +498,10 @@ def _fashion_mnist_extractor(stats_cache: str | Path, progress: bool):
 
 def summary(result: dict, path: str | Path) -> str:
     """The one line main() prints."""
-    how = f"variance {result['variance']}" if result.get("sampler", "ddpm") == "ddpm" else f"DDIM eta {result['eta']}"
+    how = {"ddpm": f"variance {result['variance']}", "ddim": f"DDIM eta {result['eta']}"}.get(
+        result.get("sampler", "ddpm"), "DPM-Solver++(2M)")
     how += f", {result['precision']}" if result.get("precision", "fp32") != "fp32" else ""
+    how += ", x0 not clipped" if not result.get("clip", True) else ""
     spacing = f" {result['spacing']}" if result.get("spacing", "uniform") != "uniform" else ""
     if "metric" in result:
         return (f"{result['metric']}: {result['fid']:.3f} (real-data floor {result['fid_floor']:.3f} at "
@@ -492,6 +526,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-samples", type=int, default=PAPER["num_samples"], help="50000 for the paper's numbers")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all; fewer = respaced)")
     sample.add_sampler_arguments(p)
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None, help="clip the predicted x0 to "
+                   "[-1, 1] (default: the checkpoint's sample.clip, as FID during training; a diffusers model clips)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256, help="sampling and Inception batch (also the shard size)")
     p.add_argument("--ref", default=None, help="reference: PNG folder, .npz of images (arr_0, NHWC) or of mu and "
@@ -504,17 +540,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", choices=runtime.SAMPLING_PRECISIONS, default="fp32",
                    help="the sampler's: fp32 (default: exact, the samples the FID is usually reported for), bf16, or "
                         "auto = bf16 where it is native (CUDA GPUs with bf16, CPUs with AMX-BF16), else fp32")
+    p.add_argument("--metrics", default=None, help="also write the result to this file: the one DVC reads "
+                   "(eval/dvc.yaml passes <out_dir>/eval.json); the record named by its settings is written anyway")
     args = p.parse_args(argv)
     try:
         result = evaluate(args.checkpoint, num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed, variance=args.variance, ref=args.ref, device=args.device,
                           stats_cache=args.stats_cache, features=args.features, sampler=args.sampler, eta=args.eta,
-                          spacing=args.spacing, diffusers=args.diffusers, precision=args.precision)
+                          spacing=args.spacing, diffusers=args.diffusers, precision=args.precision, clip=args.clip)
     except (EvalError, CheckpointError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted; the shards written so far are kept: run the same command again to resume", 130)
-    print(summary(result, results_dir(args.checkpoint, args.diffusers) / "eval.json"))
+    where = str(record_path(results_dir(args.checkpoint, args.diffusers), result))
+    if args.metrics:
+        write_json(args.metrics, result)
+        where += f" and {args.metrics}"
+    print(summary(result, where))
 
 
 if __name__ == "__main__":

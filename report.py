@@ -99,11 +99,13 @@ def read_history(run: Path) -> list[dict]:
 
 
 def training_minutes(history: list[dict]) -> list[float]:
-    """Minutes of training at the end of each epoch: wall time less the time spent measuring FID up to then."""
+    """Minutes of training at the end of each epoch: the row's wall time less the FID time of the rows before it.
+    train.py reads an epoch's `wall_time_s` before it measures that epoch's FID, so the row's own `fid_time_s` is
+    not in it. The time of the sample grids is not recorded and stays in."""
     minutes, spent = [], 0.0
     for r in history:
-        spent += float(r.get("fid_time_s") or 0)
         minutes.append((float(r["wall_time_s"]) - spent) / 60)
+        spent += float(r.get("fid_time_s") or 0)
     return minutes
 
 

@@ -44,13 +44,13 @@ def fast_eps(model: torch.nn.Module, device: torch.device, *, amp_dtype: torch.d
 
 
 def generate(model: torch.nn.Module, schedule: ddpm.Schedule, num_images: int, *, batch_size: int = 256,
-             steps: int | None = None, variance: str = "beta", clip: bool = True, seed: int = 0,
+             steps: int | None = None, variance: str = "auto", clip: bool = True, seed: int = 0,
              device: torch.device | str = "cpu", progress: bool = False, precision: str = "fp32",
              compile: bool = False, sampler: str = "ddpm", eta: float = 0.0, spacing: str = "uniform") -> Tensor:
     """`num_images` samples as uint8 (N, C, H, W) on the CPU. Batch k uses the generator seeded with
     `seed + k`, so the images do not depend on what else was sampled before them. `precision="bf16"` and
     `compile` are the fast path (docs/benchmarks.md); fp32 eager is exact. `sampler`, `eta`, `spacing`,
-    `steps`, `variance` and `clip` are ddpm.sample's."""
+    `steps`, `variance` and `clip` are ddpm.sample's, with its defaults (config.yaml's sample.*, as the CLI's)."""
     device = torch.device(device)
     schedule = schedule.to(device)
     dtype = amp_dtype(precision)
@@ -72,12 +72,15 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     evaluate.py)."""
     d = Sample()
     p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=d.sampler,
-                   help=f"ddpm: ancestral (Algorithm 2); ddim: Song et al. 2021 (default: {d.sampler})")
-    p.add_argument("--eta", type=float, default=d.eta, help=f"DDIM's η in [0, 1]; 0 is deterministic (default: {d.eta})")
+                   help=f"ddpm: ancestral (Algorithm 2); ddim: Song et al. 2021; dpm++2m: DPM-Solver++(2M), Lu et al. "
+                        f"2022, deterministic (default: {d.sampler})")
+    p.add_argument("--eta", type=float, default=d.eta,
+                   help=f"DDIM's η in [0, 1] (ddim only); 0 is deterministic (default: {d.eta})")
     p.add_argument("--spacing", choices=ddpm.SPACINGS, default=d.spacing,
                    help=f"which timesteps a respaced sampler visits (default: {d.spacing})")
     p.add_argument("--variance", choices=ddpm.VARIANCES, default=d.variance,
-                   help=f"ddpm's σ²; auto: beta at all steps, posterior when respaced (default: {d.variance})")
+                   help=f"ddpm's σ² (ddpm only); auto: beta at all steps, posterior when respaced "
+                        f"(default: {d.variance})")
 
 
 def check_sampler_flags(sampler: str, eta: float, spacing: str, variance: str) -> None:
@@ -88,8 +91,8 @@ def check_sampler_flags(sampler: str, eta: float, spacing: str, variance: str) -
             raise ValueError(f"{flag} must be one of {', '.join(options)}, got {value!r}")
     if not 0 <= eta <= 1:
         raise ValueError(f"--eta must be in [0, 1], got {eta}")
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError(f"--eta {eta} applies to --sampler ddim only (ancestral sampling has no eta)")
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(f"--eta {eta} applies to --sampler ddim only ({sampler} has no eta)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,9 +50,38 @@ class TrainError(Exception):
 
 # ---------------------------------------------------------------- the step
 
-def lr_at(step: int, lr: float, warmup_steps: int) -> float:
-    """Linear warmup (paper, Appendix B) over the first `warmup_steps` steps, then constant."""
-    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
+def lr_at(step: int, lr: float, warmup_steps: int, *, schedule: str = "constant", total_steps: int | None = None,
+          min_lr: float = 0.0) -> float:
+    """The learning rate of step `step` (0-based): linear warmup (paper, Appendix B) over the first `warmup_steps`
+    steps, then constant (the paper), or decaying from `lr` at step `warmup_steps` to `min_lr` at the last step,
+    `total_steps` - 1, along a half cosine (Loshchilov & Hutter 2017, eq. 5) or a straight line."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    if schedule not in ("cosine", "linear") or total_steps is None:
+        raise ValueError(f"lr schedule {schedule!r} needs total_steps and is one of constant, cosine, linear")
+    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_lr + (lr - min_lr) * shape
+
+
+def ema_decay_at(step: int, decay: float, *, warmup: bool = False, inv_gamma: float = 1.0, power: float = 2 / 3,
+                 min_decay: float = 0.0) -> float:
+    """The EMA decay of step `step` (0-based): `decay` (the paper), or with `warmup` diffusers' EMAModel(
+    use_ema_warmup=True) schedule, min(decay, 1 - (1 + step / inv_gamma) ** -power) clamped below at min_decay,
+    with 0 at the first step (the EMA starts as the model). A function of the step alone: a resume is exact."""
+    if not warmup:
+        return decay
+    if step <= 0:
+        return 0.0
+    return max(min_decay, min(decay, 1.0 - (1.0 + step / inv_gamma) ** -power))
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: train.epochs of `steps_per_epoch`, stopped early at train.max_steps if set."""
+    steps = cfg.train.epochs * steps_per_epoch
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps is not None else steps
 
 
 def adam_options(device: torch.device) -> dict:
@@ -81,6 +110,7 @@ class Parts:
     channels_last: bool
     grad_clip: float | None
     ema_decay: float
+    snr_gamma: float | None = None  # Min-SNR-γ loss weights (train.loss_weighting: min_snr), None: L_simple
 
 
 def build(cfg: Config, unet_args: dict, device: torch.device, dist: Dist = Dist()) -> Parts:
@@ -112,40 +142,42 @@ def build(cfg: Config, unet_args: dict, device: torch.device, dist: Dist = Dist(
     if runtime.use_compile(tc.compile, device):
         net = torch.compile(net)
     schedule = schedule_from_config(to_dict(cfg)).to(device)
-    return Parts(model, ema, opt, scaler, schedule, net, precision, channels_last, tc.grad_clip, tc.ema_decay)
+    return Parts(model, ema, opt, scaler, schedule, net, precision, channels_last, tc.grad_clip, tc.ema_decay,
+                 tc.snr_gamma if tc.loss_weighting == "min_snr" else None)
 
 
-def train_step(p: Parts, x: Tensor, t: Tensor, noise: Tensor, *, lr: float, weight: float = 1.0) \
-        -> tuple[Tensor, Tensor]:
-    """One optimizer step of Algorithm 1 on (x, t, noise); returns (loss, grad norm) as device tensors (no host
-    sync). `weight` scales this process's loss so that DDP's gradient average is the global batch's mean when
-    the shards are uneven."""
+def train_step(p: Parts, x: Tensor, t: Tensor, noise: Tensor, *, lr: float, weight: float = 1.0,
+               ema_decay: float | None = None) -> tuple[Tensor, Tensor]:
+    """One optimizer step of Algorithm 1 on (x, t, noise), then the EMA update with `ema_decay` (None: the
+    configured decay); returns (loss, grad norm) as device tensors (no host sync). `weight` scales this process's
+    loss so that DDP's gradient average is the global batch's mean when the shards are uneven."""
     for g in p.opt.param_groups:
         g["lr"] = lr
     if p.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     amp_dtype = runtime.amp_dtype(p.precision)
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss = ddpm.loss(p.schedule, p.net, x, t=t, noise=noise)
+        loss = ddpm.loss(p.schedule, p.net, x, t=t, noise=noise, snr_gamma=p.snr_gamma)
     p.opt.zero_grad(set_to_none=True)
     p.scaler.scale(loss * weight).backward()
     p.scaler.unscale_(p.opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip or math.inf, foreach=True)
     p.scaler.step(p.opt)
     p.scaler.update()
-    ema_update(p.ema, p.model, p.ema_decay)
+    ema_update(p.ema, p.model, p.ema_decay if ema_decay is None else ema_decay)
     return loss.detach(), grad_norm
 
 
 # ---------------------------------------------------------------- the state a checkpoint holds
 
 class Meter:
-    """On-device sums, read at the syncs only: the epoch's loss (history.csv), the log window's loss and steps
-    (train/loss), and the first step whose loss or gradient was not finite. A partial batch's loss counts by its
-    share of a full batch. Throughput is timed on the host."""
+    """On-device sums, read at the syncs only: the epoch's loss (history.csv: the mean over the epoch's images, so
+    a partial last batch counts by its images), the log window's loss and steps (train/loss: the mean of the steps'
+    means), and the first step whose loss or gradient was not finite. Throughput is timed on the host."""
 
     def __init__(self, device: torch.device, *, overflow_ok: bool = False):
-        self.epoch = torch.zeros((), device=device)
+        self.epoch = torch.zeros((), device=device)  # Σ loss × rows over this process's images of the epoch
+        self.epoch_images = 0  # the images of the epoch's steps, all processes
         self.window = torch.zeros((), device=device)
         self.window_steps, self.window_images, self.window_start = 0, 0, time.perf_counter()
         self.bad_step = torch.full((), -1, device=device, dtype=torch.long)
@@ -155,9 +187,9 @@ class Meter:
         """Step `step` (0-based) took `rows` of a batch of `batch` images on this process."""
         finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | self.overflow_ok)
         self.bad_step = torch.where((self.bad_step < 0) & ~finite, step, self.bad_step)
-        contrib = loss * rows / batch
-        self.epoch += contrib
-        self.window += contrib
+        self.epoch += loss * rows
+        self.epoch_images += batch
+        self.window += loss * rows / batch
         self.window_steps += 1
         self.window_images += batch
 
@@ -176,16 +208,19 @@ class Meter:
         self.window_steps, self.window_images, self.window_start = 0, 0, now
         return loss, rate
 
-    def read_epoch(self, dist: Dist, steps: int) -> float:
-        """The epoch's mean loss over `steps` steps and all processes; the next epoch starts from 0. A host sync."""
-        loss = float(dist.all_reduce(self.epoch)) / max(steps, 1)
+    def read_epoch(self, dist: Dist) -> float:
+        """The epoch's mean loss over its images and all processes; the next epoch starts from 0. A host sync."""
+        loss = float(dist.all_reduce(self.epoch)) / max(self.epoch_images, 1)
         self.epoch.zero_()
+        self.epoch_images = 0
         return loss
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch.cpu(), "log": self.window.cpu(), "log_n": self.window_steps}
+        return {"epoch": self.epoch.cpu(), "epoch_images": self.epoch_images, "log": self.window.cpu(),
+                "log_n": self.window_steps}
 
     def load_state_dict(self, state: dict) -> None:
+        self.epoch_images = state["epoch_images"]
         self.epoch = state["epoch"].to(self.epoch.device, copy=True)
         self.window = state["log"].to(self.window.device, copy=True)
         self.window_steps = state["log_n"]
@@ -239,7 +274,11 @@ class TrainState:
         self.noise.set_state(saved["rng"]["noise"])
         if self.noise.device.type == "cuda":
             torch.cuda.set_rng_state(saved["rng"]["cuda"], self.noise.device)
-        self.meter.load_state_dict(saved["sums"])
+        sums = saved["sums"]
+        if "epoch_images" not in sums:  # written when the sum was of step means, each from a full batch
+            batch, done = self.batches.batch_size, self.batches.index
+            sums = {**sums, "epoch": sums["epoch"] * batch, "epoch_images": done * batch}
+        self.meter.load_state_dict(sums)
         self.step, self.history = saved["step"], list(saved["history"])
         self.wall_before, self.wandb_id = saved["wall_time_s"], saved["wandb_id"]
 
@@ -381,6 +420,15 @@ class Setup:
     held: tuple[Tensor, Tensor, Tensor]  # x0, t, ε: the same every epoch, so the EMA loss compares across epochs
     scorer: Callable | None
     ckpt: Checkpointer
+    total: int  # the run's optimizer steps (train.epochs, train.max_steps): where a decaying lr ends
+
+    def lr(self, step: int) -> float:
+        tc = self.cfg.train
+        return lr_at(step, tc.lr, tc.warmup_steps, schedule=tc.lr_schedule, total_steps=self.total, min_lr=tc.min_lr)
+
+    def ema_decay(self, step: int) -> float:
+        tc = self.cfg.train
+        return ema_decay_at(step, tc.ema_decay, warmup=tc.ema_warmup, inv_gamma=tc.ema_inv_gamma, power=tc.ema_power)
 
 
 def prepare(cfg: Config, *, fresh: bool = False, progress: bool = True) -> tuple[Setup, TrainState]:
@@ -412,7 +460,8 @@ def prepare(cfg: Config, *, fresh: bool = False, progress: bool = True) -> tuple
     held_t, held_noise = ddpm.draw_t_noise(parts.schedule, held.shape, device=device,
                                            generator=torch.Generator(device).manual_seed(derive_seed(cfg.seed, 4)))
     ckpt = Checkpointer(path, dist, saved["step"] if saved else None)
-    return Setup(cfg, dist, device, out, (held, held_t, held_noise), scorer, ckpt), state
+    return Setup(cfg, dist, device, out, (held, held_t, held_noise), scorer, ckpt,
+                 total_steps(cfg, len(state.batches))), state
 
 
 def create_outputs(out: Path, *, fresh: bool, cfg: Config) -> None:
@@ -522,7 +571,10 @@ def run_epochs(setup: Setup, state: TrainState, logger: Logger, stop: Stop, *, p
     at the sync every wandb.log_every steps check, log and agree on stopping; checkpoint; end the epoch."""
     cfg, dist, p = setup.cfg, setup.dist, state.parts
     for epoch in range(state.batches.epoch, cfg.train.epochs):
+        if state.step >= setup.total:  # train.max_steps reached (by this run, or by the one it resumes)
+            break
         p.model.train()
+        images, started = 0, time.perf_counter()  # this process's part of the epoch: its training throughput
         with _bar(len(state.batches), state.batches.index, f"epoch {epoch + 1}/{cfg.train.epochs}",
                   progress and dist.main) as bar:
             for x in state.batches.epoch_batches():
@@ -531,10 +583,11 @@ def run_epochs(setup: Setup, state: TrainState, logger: Logger, stop: Stop, *, p
                 x, t, noise = (v.tensor_split(dist.world)[dist.rank] for v in (x, t, noise))
                 if state.step == 0:
                     logger.log({"inputs": ddpm.to_uint8(x[:64])}, step=0)
-                lr = lr_at(state.step, cfg.train.lr, cfg.train.warmup_steps)
-                loss, grad_norm = train_step(p, x, t, noise, lr=lr, weight=x.shape[0] * dist.world / B)
+                lr = setup.lr(state.step)
+                loss, grad_norm = train_step(p, x, t, noise, lr=lr, weight=x.shape[0] * dist.world / B,
+                                             ema_decay=setup.ema_decay(state.step))
                 state.meter.add(state.step, loss, grad_norm, rows=x.shape[0], batch=B)
-                state.step += 1
+                state.step, images = state.step + 1, images + B
                 bar.update(1)
                 at_sync = state.step % cfg.wandb.log_every == 0  # the only host-device sync of the loop
                 if at_sync:
@@ -546,8 +599,11 @@ def run_epochs(setup: Setup, state: TrainState, logger: Logger, stop: Stop, *, p
                     setup.ckpt.save(state)
                     dist.barrier()  # none exits (torchrun then ends the others) before the checkpoint is written
                     raise SystemExit(128 + signum)
+                if state.step >= setup.total and state.batches.index < len(state.batches):
+                    break  # train.max_steps, mid-epoch: that epoch's row is written now, as a partial epoch
         setup.ckpt.check_finite(state)  # before a NaN reaches history.csv, metrics.json or a sample grid
-        end_epoch(setup, state, logger)
+        # (a host sync: the device has finished the epoch's steps, so the time below is theirs)
+        end_epoch(setup, state, logger, images_per_sec=images / max(time.perf_counter() - started, 1e-9))
         setup.ckpt.save(state)
 
 
@@ -560,30 +616,30 @@ def log_window(setup: Setup, state: TrainState, logger: Logger, bar, *, lr: floa
                 "train/images_per_sec": rate}, step=state.step)
 
 
-def end_epoch(setup: Setup, state: TrainState, logger: Logger) -> None:
-    """The epoch's row (mean loss, EMA loss on the held-out batch, lr, throughput) on every process; on rank 0 the
-    sample grid and the FID when due (every sample.every_epochs / eval.every_epochs, and at the last epoch),
-    wandb, history.csv and metrics.json."""
-    cfg, n, step, wall = setup.cfg, state.batches.epoch, state.step, state.wall_time()
-    steps_in_epoch = step - (state.history[-1]["step"] if state.history else 0)
+def end_epoch(setup: Setup, state: TrainState, logger: Logger, *, images_per_sec: float) -> None:
+    """The epoch's row (mean loss, EMA loss on the held-out batch, lr, the training throughput `images_per_sec`:
+    steps and checkpoints, no grids or FIDs) on every process; on rank 0 the sample grid and the FID when due
+    (every sample.every_epochs / eval.every_epochs, and at the last epoch), wandb, history.csv and metrics.json."""
+    n = state.batches.epoch + (state.batches.index > 0)  # a partial epoch (train.max_steps) counts
+    cfg, step, wall, last = setup.cfg, state.step, state.wall_time(), state.step >= setup.total
     with torch.no_grad():
         ema_loss = float(ddpm.loss(state.parts.schedule, state.parts.ema, setup.held[0], t=setup.held[1],
                                    noise=setup.held[2]))
-    row = {"epoch": n, "step": step, "loss": state.meter.read_epoch(setup.dist, steps_in_epoch), "ema_loss": ema_loss,
-           "lr": lr_at(step - 1, cfg.train.lr, cfg.train.warmup_steps),
-           "images_per_sec": round(step * cfg.train.batch_size / max(wall, 1e-9), 2), "wall_time_s": round(wall, 3)}
+    row = {"epoch": n, "step": step, "loss": state.meter.read_epoch(setup.dist), "ema_loss": ema_loss,
+           "lr": setup.lr(step - 1),
+           "images_per_sec": round(images_per_sec, 2), "wall_time_s": round(wall, 3)}
     state.history.append(row)
     if not setup.dist.main:
         return
     logs = {"epoch/loss": row["loss"], "epoch/ema_loss": ema_loss, "epoch": n}
-    if _due(cfg.sample.every_epochs, n, cfg.train.epochs):
+    if _due(cfg.sample.every_epochs, n, last):
         s = cfg.sample  # the same noise every epoch, so that the grids show the model's progress
         images = generate(state.parts.ema, state.parts.schedule, s.num_images, steps=s.steps, variance=s.variance,
                           clip=s.clip, sampler=s.sampler, eta=s.eta, spacing=s.spacing,
                           seed=derive_seed(cfg.seed, 3), device=setup.device, progress=False)
         save_grid(images, setup.out / "samples" / f"epoch_{n:03d}.png")
         logs["samples"] = images
-    if setup.scorer is not None and _due(cfg.eval.every_epochs, n, cfg.train.epochs):
+    if setup.scorer is not None and _due(cfg.eval.every_epochs, n, last):
         t0 = time.perf_counter()
         scores = setup.scorer(state.parts.ema, derive_seed(cfg.seed, 5))  # the same noise: FID moves with the model
         row.update(fid=round(scores["fid"], 4), fid_time_s=round(time.perf_counter() - t0, 1))
@@ -594,8 +650,8 @@ def end_epoch(setup: Setup, state: TrainState, logger: Logger) -> None:
     write_records(setup.out, state.history)
 
 
-def _due(every: int, epoch: int, epochs: int) -> bool:
-    return bool(every) and (epoch % every == 0 or epoch == epochs)
+def _due(every: int, epoch: int, last: bool) -> bool:
+    return bool(every) and (epoch % every == 0 or last)
 
 
 def write_records(out: Path, history: list[dict]) -> None:

@@ -5,10 +5,11 @@ file, then the markdown table:
 
     python scripts/sampler_table.py --checkpoint runs/fashion-mnist-cpu/checkpoint.pt \\
         --cells ddpm-beta:10,20,50,100:1000 ddpm-posterior:10,20,50,100:1000 ddim:10,20,50,100:1000 \\
-        --out docs/samplers.jsonl
+                dpm++2m:10,20,50:1000 dpm++2m-quadratic:10,20,50:1000 --out docs/samplers.jsonl
 
-A cell is SAMPLER:STEPS:IMAGES, SAMPLER one of ddpm-beta, ddpm-posterior, ddim (η = 0). Sampling time is measured
-only for shards sampled by this call (a resumed cell keeps the time measured when it was sampled).
+A cell is SAMPLER:STEPS:IMAGES, SAMPLER one of ddpm-beta, ddpm-posterior, ddim (η = 0), dpm++2m (DPM-Solver++(2M))
+on the uniform spacing, dpm++2m-quadratic on the quadratic one. Sampling time is measured only for shards sampled
+by this call (a resumed cell keeps the time measured when it was sampled).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import evaluate  # noqa: E402
 import sample  # noqa: E402
 
 SAMPLERS = {"ddpm-beta": dict(sampler="ddpm", variance="beta"), "ddpm-posterior": dict(sampler="ddpm", variance="posterior"),
-            "ddim": dict(sampler="ddim", variance="auto")}
+            "ddim": dict(sampler="ddim", variance="auto"), "dpm++2m": dict(sampler="dpm++2m", variance="auto"),
+            "dpm++2m-quadratic": dict(sampler="dpm++2m", variance="auto", spacing="quadratic")}
 
 
 class Timed:

@@ -4,6 +4,7 @@ injected in place of Inception, so nothing here needs the Inception weights."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,13 +12,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import config
 import evaluate as ev
 import sample
-from checkpoint import load_checkpoint, model_from_checkpoint
-from helpers import TinyExtractor, make_checkpoint, one_error_line, require
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from helpers import ROOT, TinyExtractor, make_checkpoint, one_error_line, require
 
 KEYS = {"fid", "is_mean", "is_std", "num_samples", "steps", "variance", "seed", "checkpoint_step",
         "comparable_with_paper", "note"}
@@ -194,13 +197,14 @@ class CountingGenerate:
     """sample.generate, counting calls and optionally crashing on call number `crash_at`."""
 
     def __init__(self, crash_at: int | None = None):
-        self.calls, self.seeds, self.crash_at = 0, [], crash_at
+        self.calls, self.seeds, self.clips, self.crash_at = 0, [], [], crash_at
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         self.calls += 1
         if self.calls == self.crash_at:
             raise KeyboardInterrupt("simulated crash")
         self.seeds.append(kwargs["seed"])
+        self.clips.append(kwargs["clip"])
         return sample.generate(*args, **kwargs)
 
 
@@ -210,10 +214,18 @@ def run_eval(s: dict, ckpt: Path | None = None, **kw) -> dict:
     return ev.evaluate(ckpt or s["ckpt"], **{**args, **kw})
 
 
-def test_evaluate_writes_eval_json_and_shards_equal_one_generate_call(setup: dict) -> None:
+def records(run: Path) -> dict[str, dict]:
+    """The evaluation records of a run folder, by file name."""
+    return {p.name: json.loads(p.read_text()) for p in sorted((run / "eval").glob("*.json"))}
+
+
+def test_evaluate_writes_its_record_and_shards_equal_one_generate_call(setup: dict) -> None:
     gen = CountingGenerate()
     result = run_eval(setup, generate=gen)
-    saved = json.loads((setup["ckpt"].parent / "eval.json").read_text())
+    # named by its shard folder, its number of samples, its features and (not the default) its reference
+    name = f"samples_5_beta_3_n16_inception_ref-{setup['ref'].parent.name}-ref.json"
+    assert ev.record_path(setup["ckpt"].parent, result) == setup["ckpt"].parent / "eval" / name
+    saved = records(setup["ckpt"].parent)[name]
     assert saved == result and KEYS <= set(saved)
     assert np.isfinite(saved["fid"]) and saved["fid"] > 0 and 1 <= saved["is_mean"] <= 10
     assert saved["comparable_with_paper"] is False and saved["note"].startswith("NOT comparable")
@@ -225,7 +237,7 @@ def test_evaluate_writes_eval_json_and_shards_equal_one_generate_call(setup: dic
     # the shards are exactly one generate call with the base seed: no dependence on how the run was cut
     state = load_checkpoint(setup["ckpt"])
     direct = sample.generate(model_from_checkpoint(state), sample.schedule_from_config(state["config"]), 16,
-                             batch_size=4, steps=5, seed=3 * ev.SEED_STRIDE)
+                             batch_size=4, steps=5, variance="beta", seed=3 * ev.SEED_STRIDE)
     shards = torch.cat([torch.from_numpy(np.load(folder / f"shard_{k:05d}.npy")) for k in range(4)])
     assert torch.equal(shards, direct)
 
@@ -236,7 +248,7 @@ def test_evaluate_resumes_after_a_crash(setup: dict, tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         run_eval(setup, other, generate=CountingGenerate(crash_at=3))
     folder = other.parent / "eval" / "samples_5_beta_3"
-    assert len(list(folder.glob("shard_*.npy"))) == 2 and not (other.parent / "eval.json").exists()
+    assert len(list(folder.glob("shard_*.npy"))) == 2 and records(other.parent) == {}
     gen = CountingGenerate()
     resumed = run_eval(setup, other, generate=gen)
     assert gen.calls == 2 and gen.seeds == [3 * ev.SEED_STRIDE + 2, 3 * ev.SEED_STRIDE + 3]
@@ -274,6 +286,96 @@ def test_stale_shards_of_another_checkpoint_are_not_reused(setup: dict) -> None:
     assert meta["checkpoint_step"] == 200
 
 
+def test_each_evaluation_keeps_a_record_of_its_own(setup: dict) -> None:
+    """Evaluations that differ in any setting that changes the score write records of their own, named by the
+    settings: none overwrites another's, as every evaluation overwrote the one eval.json before."""
+    first = run_eval(setup)
+    results = [first, run_eval(setup, num_samples=12), run_eval(setup, steps=4), run_eval(setup, sampler="ddim"),
+               run_eval(setup, clip=False), run_eval(setup, seed=4)]
+    saved = records(setup["ckpt"].parent)
+    assert saved == {ev.record_path(setup["ckpt"].parent, r).name: r for r in results} and len(saved) == 6
+    assert saved[ev.record_path(setup["ckpt"].parent, first).name] == first
+    # the default reference adds nothing to the name; the record's name is its shard folder's, then the score's
+    default = {**first, "ref": "data/cifar10/train.npy"}
+    assert ev.record_path("runs/x", default) == Path("runs/x/eval/samples_5_beta_3_n16_inception.json")
+
+
+def with_sample(path: Path, **keys) -> Path:
+    """Set sample.* and eval.* keys (flat: clip=..., num_samples=...) in a checkpoint's config."""
+    state = load_checkpoint(path)
+    for k, v in keys.items():
+        state["config"]["eval" if k == "num_samples" else "sample"][k] = v
+    save_checkpoint(path, state)
+    return path
+
+
+@pytest.fixture
+def cifar_dir(tmp_path: Path, monkeypatch) -> Path:
+    """A working folder with a small data/cifar10/train.npy (the default reference), the tiny extractor standing in
+    for the FID Inception, and a checkpoint sampling 5 steps with 10 images of FID during training."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)
+    np.save(tmp_path / "data" / "cifar10" / "train.npy", smooth_images(32, seed=5).numpy())
+    monkeypatch.setattr(ev, "inception_extractor", lambda device: TinyExtractor())
+    with_sample(make_checkpoint(tmp_path / "run" / "checkpoint.pt"), steps=5, num_samples=10)
+    return tmp_path
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_clipping_follows_the_checkpoint_as_fid_during_training_does(cifar_dir: Path, clip: bool) -> None:
+    """One rule: evaluate.py clips x0 as the checkpoint's sample.clip says, as the training-time scorer does, so
+    the same model, seed and number of samples give the same samples and the same FID in both."""
+    ckpt = with_sample(cifar_dir / "run" / "checkpoint.pt", clip=clip)
+    state = load_checkpoint(ckpt)
+    model = model_from_checkpoint(state)
+    during_training = ev.training_scorer(config.from_dict(state["config"]), torch.device("cpu"),
+                                         stats_cache=cifar_dir / "stats", progress=False)(model, 0)
+    gen = CountingGenerate()
+    result = ev.evaluate(ckpt, num_samples=10, steps=5, batch_size=10, seed=0, variance="auto", device="cpu",
+                         progress=False, stats_cache=cifar_dir / "stats", generate=gen)
+    assert gen.clips == [clip] and result["clip"] is clip and ("x0 not clipped" in result["note"]) is not clip
+    assert result["fid"] == during_training["fid"] and result["is_mean"] == during_training["is_mean"]
+    folder = cifar_dir / "run" / "eval" / ("samples_5_posterior_0" + "_noclip" * (not clip))
+    assert json.loads((folder / "meta.json").read_text())["clip"] is clip
+    # clipping changes this model's samples: the equal FIDs above are not a coincidence of the two settings
+    schedule = sample.schedule_from_config(state["config"])
+    unclipped, clipped = (sample.generate(model, schedule, 4, steps=5, variance="auto", clip=c) for c in (False, True))
+    assert not torch.equal(unclipped, clipped)
+
+
+def test_cli_clip_flags_override_the_checkpoint(cifar_dir: Path, capsys) -> None:
+    ckpt = with_sample(cifar_dir / "run" / "checkpoint.pt", clip=False)
+    base = ["--checkpoint", str(ckpt), "--num-samples", "10", "--steps", "5", "--batch-size", "10", "--device", "cpu",
+            "--stats-cache", str(cifar_dir / "stats")]
+    for flags, clip in (([], False), (["--clip"], True), (["--no-clip"], False)):
+        ev.main([*base, *flags])
+        path = ckpt.parent / "eval" / f"samples_5_posterior_0{'_noclip' * (not clip)}_n10_inception.json"
+        assert json.loads(path.read_text())["clip"] is clip, flags
+        assert capsys.readouterr().out.rstrip().endswith(f"-> {path}")
+
+
+def test_the_metric_dvc_reads_is_the_stages_own_result_and_git_tracks_the_records(cifar_dir: Path, capsys) -> None:
+    """eval/dvc.yaml declares <out_dir>/eval.json, a metric with cache: false (tracked by git, not ignored), and its
+    command writes exactly that file with --metrics; records are tracked, their shard folders ignored."""
+    stage = yaml.safe_load((ROOT / "eval" / "dvc.yaml").read_text())["stages"]["evaluate"]
+    metric = "${out_dir}/eval.json"
+    assert stage["metrics"] == [{metric: {"cache": False}}]
+    assert stage["cmd"].split()[-2:] == ["--metrics", metric]
+    ckpt = cifar_dir / "run" / "checkpoint.pt"
+    ev.main(["--checkpoint", str(ckpt), "--num-samples", "10", "--steps", "5", "--batch-size", "10", "--device",
+             "cpu", "--stats-cache", str(cifar_dir / "stats"), "--metrics", str(ckpt.parent / "eval.json")])
+    (name, record), = records(ckpt.parent).items()
+    (shards,) = [p.name for p in (ckpt.parent / "eval").iterdir() if p.is_dir()]
+    assert json.loads((ckpt.parent / "eval.json").read_text()) == record
+    assert capsys.readouterr().out.rstrip().endswith(f" and {ckpt.parent / 'eval.json'}")
+    out_dir = yaml.safe_load((ROOT / "config.yaml").read_text())["out_dir"]
+    paths = [metric.replace("${out_dir}", out_dir), f"{out_dir}/eval/{name}",
+             f"{out_dir}/eval/{shards}/shard_00000.npy"]
+    git = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert git.returncode in (0, 1), git.stderr
+    assert git.stdout.split() == paths[2:]  # only the shards are ignored
+
+
 class MeanColourExtractor:
     """A cheap stand-in for Inception: the mean of each colour channel (3 features) and 10 logits made from them."""
     name = "mean-colour"
@@ -297,7 +399,7 @@ def test_the_papers_settings_are_comparable_with_the_paper(tmp_path: Path) -> No
     result = ev.evaluate(ckpt, num_samples=50_000, batch_size=25_000, ref=ref, device="cpu",
                          extractor=MeanColourExtractor(), progress=False, stats_cache=tmp_path / "stats",
                          generate=random_images)
-    assert json.loads((ckpt.parent / "eval.json").read_text()) == result
+    assert records(ckpt.parent) == {f"samples_1000_beta_0_n50000_inception_ref-{tmp_path.name}-ref.json": result}
     assert (result["num_samples"], result["steps"], result["variance"], result["dataset"]) == \
         (50_000, 1000, "beta", "cifar10")
     assert result["comparable_with_paper"] is True and result["note"].startswith("comparable with the paper")

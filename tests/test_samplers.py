@@ -4,6 +4,7 @@ config.yaml (training grids, resume), sample.py and evaluate.py."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import shutil
@@ -264,10 +265,195 @@ def test_eta_outside_0_1_is_rejected(eta: float) -> None:
 
 
 @pytest.mark.parametrize("kwargs, name", [({"sampler": "euler"}, "sampler"), ({"spacing": "linspace"}, "uniform"),
-                                          ({"variance": "learned"}, "variance"), ({"eta": 0.5}, "sampler 'ddim'")])
+                                          ({"variance": "learned"}, "variance"), ({"eta": 0.5}, "sampler 'ddim'"),
+                                          ({"sampler": "dpm++2m", "eta": 0.5}, "sampler 'ddim'")])
 def test_sample_rejects_bad_arguments_naming_them(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         ddpm.sample(SCHEDULE, toy_model, (1, 1, 2, 2), steps=2, **kwargs)
+
+
+# ------------------------------------------------------------------------ DPM-Solver++(2M) against diffusers
+
+def dpmpp_scheduler(taus: list[int], *, clip: bool):
+    """diffusers' DPMSolverMultistepScheduler as our dpm++2m: the paper's β, data prediction, second order, first
+    order at the first step and at the last, which goes to σ = 0 (final_sigmas_type="zero"), on our timesteps.
+    (use_lu_lambdas, its uniform-λ spacing, cannot be combined with given timesteps; euler_at_final only forces the
+    first-order last step that final_sigmas_type="zero" forces already.) Our clip is its thresholding with the
+    default sample_max_value=1.0: the threshold s is clamped to [1, 1], so x̂_0 is clamped to [-1, 1]."""
+    module = pytest.importorskip("diffusers.schedulers.scheduling_dpmsolver_multistep", reason="needs diffusers")
+    s = module.DPMSolverMultistepScheduler(num_train_timesteps=T_PAPER, beta_start=1e-4, beta_end=0.02,
+                                           beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2,
+                                           solver_type="midpoint", final_sigmas_type="zero", lower_order_final=True,
+                                           euler_at_final=False, use_lu_lambdas=False, prediction_type="epsilon",
+                                           thresholding=clip, sample_max_value=1.0)
+    s.set_timesteps(timesteps=taus[::-1])
+    assert s.timesteps.tolist() == taus[::-1]
+    return s
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("spacing", ddpm.SPACINGS)
+@pytest.mark.parametrize("steps", [10, 50])
+@pytest.mark.parametrize("clip", [False, True])
+def test_every_dpmpp_2m_iterate_equals_diffusers(spacing: str, steps: int, clip: bool) -> None:
+    """ddpm.sample(sampler="dpm++2m") against diffusers' loop with the same β, timesteps, ε function (toy_model: its
+    x̂_0 leaves [-1, 1] often but not always) and x_T: every x the model sees, then the output, within 1e-5 of
+    the largest |x| (diffusers computes in float32, its ᾱ by a float32 cumprod; measured at most 5.3e-6)."""
+    taus = ddpm.spaced_timesteps(T_PAPER, steps, spacing).tolist()
+    shape, seen = (3, 2, 4, 4), []
+
+    def spy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return toy_model(x, t)
+
+    ours = ddpm.sample(SCHEDULE, spy, shape, steps=steps, sampler="dpm++2m", spacing=spacing, clip=clip,
+                       generator=torch.Generator().manual_seed(5))
+    theirs = dpmpp_scheduler(taus, clip=clip)
+    x, clipped = torch.randn(shape, generator=torch.Generator().manual_seed(5)), 0  # x_T as ddpm.sample draws it
+    for i, t in enumerate(theirs.timesteps):
+        assert relative_error(seen[i], x) <= 1e-5, (i, int(t), relative_error(seen[i], x))
+        eps = toy_model(x, t.expand(shape[0]))
+        clipped += int((ddpm.predict_x0(SCHEDULE, eps, x, t.expand(shape[0])).abs() > 1).sum())
+        x = theirs.step(eps, t, x).prev_sample
+    assert len(seen) == steps and relative_error(ours, x.clamp(-1, 1)) <= 1e-5
+    assert 0 < clipped < x.numel() * steps  # the clip has work to do, and not everywhere
+
+
+def test_dpmpp_2m_step_is_ddims_step_first_and_returns_x0_last() -> None:
+    """Without a previous prediction the step is first order: DDIM's (η = 0), with or without the clip, and the
+    x̂_0 it hands on is the clamped one. At t = 0 it goes to ᾱ = 1 and returns x̂_0 (clamped with `clip`) whatever
+    x0_prev is; at t = 1 x0_prev changes the step (second order). On the float64 schedule: the two forms agree to
+    6e-13 there, while in float32 DDIM's step loses digits (to 3.5e-4 at t = 1 with the clip, in 1 - ᾱ_{t-1} and
+    in ε re-derived from the clamped x̂_0) where ours does not (4e-7 from the float64 result)."""
+    g = torch.Generator().manual_seed(1)
+    x, eps, prev = (3 * torch.randn(4, 1, 3, 3, generator=g, dtype=F64) for _ in range(3))
+    schedule = paper_schedule64()
+    for clip in (False, True):
+        for i in (0, 1, 500, T_PAPER - 1):
+            t = torch.full((4,), i, dtype=torch.long)
+            x0 = ddpm.predict_x0(schedule, eps, x, t)
+            assert (x0.abs() > 1).any()  # the clip has work to do
+            x0 = x0.clamp(-1, 1) if clip else x0
+            out, handed_on = ddpm.dpmpp_2m_step(schedule, eps, x, t, None, clip=clip)
+            torch.testing.assert_close(out, ddpm.ddim_step(schedule, eps, x, t, torch.zeros_like(x), clip=clip))
+            assert torch.equal(handed_on, x0)
+            if i == 0:
+                assert torch.equal(out, x0)
+                assert torch.equal(ddpm.dpmpp_2m_step(schedule, eps, x, t, prev, clip=clip)[0], x0)
+            if i == 1:
+                assert not torch.allclose(ddpm.dpmpp_2m_step(schedule, eps, x, t, prev, clip=clip)[0], out)
+
+
+# -------------------------------------------------------------------- DPM-Solver++(2M) and the Gaussian oracle
+#
+# With the exact ε of Gaussian data (helpers.exact_eps_model) every step is affine in (x, the previous x̂_0), so
+# x_T -> output is an affine map A x_T + B and the output law is N(B, A²). The recursion below is Algorithm 2 as
+# the paper writes it (λ, h, r, e^{-h}; diffusers' form), in float64, independently of ddpm.py's DDIM-like form.
+
+def dpmpp_law(taus: list[int]) -> tuple[float, float]:
+    """(A, B): each quantity is carried as its (coefficient of x_T, constant)."""
+    one = np.array([0.0, 1.0])
+    x, x0_prev, lam_prev = np.array([1.0, 0.0]), None, None
+    for i in reversed(range(len(taus))):
+        ab = REF_AC[taus[i]]
+        alpha, sigma = math.sqrt(ab), math.sqrt(1 - ab)
+        eps = sigma / (ab * S ** 2 + 1 - ab) * (x - alpha * MU * one)
+        x0 = (x - sigma * eps) / alpha
+        if i == 0:  # to ᾱ = 1: σ = 0, h = ∞, first order: x = x̂_0
+            return tuple(x0)
+        alpha_to, sigma_to = math.sqrt(REF_AC[taus[i - 1]]), math.sqrt(1 - REF_AC[taus[i - 1]])
+        lam = math.log(alpha / sigma)
+        h = math.log(alpha_to / sigma_to) - lam
+        if x0_prev is None:
+            d = x0
+        else:
+            r = (lam - lam_prev) / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+        x = sigma_to / sigma * x - alpha_to * (math.exp(-h) - 1) * d
+        x0_prev, lam_prev = x0, lam
+
+
+def ode_solution() -> tuple[float, float]:
+    """(A, B) of the exact probability-flow ODE from x_T ~ N(0, I) at t = T - 1: for Gaussian data it maps
+    quantiles, x_t = sqrt(ᾱ_t) MU + sqrt(ᾱ_t S² + 1 - ᾱ_t) z. B misses MU by 3.8e-4, the prior's error (x_T has
+    mean sqrt(ᾱ_{T-1}) MU = 1.3e-3, not 0), which no solver removes."""
+    ab = REF_AC[-1]
+    scale = math.sqrt(ab * S ** 2 + 1 - ab)
+    return S / scale, MU - S * math.sqrt(ab) * MU / scale
+
+
+def dpmpp_oracle_run(steps: int, spacing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_T, output) of ddpm.sample with the exact ε, clip off; x_T recorded at the model's first call."""
+    seen = []
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not seen:
+            seen.append(x.double().clone())
+        return exact_eps_model(x, t)
+
+    out = ddpm.sample(SCHEDULE, model, ORACLE_SHAPE, steps=steps, sampler="dpm++2m", spacing=spacing, clip=False,
+                      generator=torch.Generator().manual_seed(0))
+    return seen[0], out.double()
+
+
+@pytest.mark.parametrize("steps, spacing", [(20, "uniform"), (50, "quadratic"), (200, "trailing"), (10, "leading")])
+def test_dpmpp_2m_is_the_affine_map_of_x_T(steps: int, spacing: str) -> None:
+    """Sample by sample: output = clamp(A x_T + B) within 1e-4 (float32 against float64: measured 1.2e-5 at most;
+    a 1% error in A moves samples by ~3e-3)."""
+    A, B = dpmpp_law(ddpm.spaced_timesteps(T_PAPER, steps, spacing).tolist())
+    x_T, out = dpmpp_oracle_run(steps, spacing)
+    assert (out - (A * x_T + B).clamp(-1, 1)).abs().max() <= 1e-4
+
+
+# The law's error, (B - MU, |A| - S) for data N(0.2, 0.3²), float64, as measured (the mean's error includes the
+# prior's -3.8e-4; against the ODE's own solution it is 1.1e-4, 4.1e-5, 2.8e-6 for uniform):
+#              20 steps               50 steps               200 steps
+#   uniform    -4.9e-4, +8.9e-2 (30%)  -4.2e-4, +3.2e-2 (11%)  -3.8e-4, +2.2e-3 (0.74%)
+#   quadratic  -4.0e-4, +1.2e-2 (3.8%) -3.8e-4, +1.3e-3 (0.42%) -3.8e-4, -6.3e-5 (0.02%)
+#   leading    -8.0e-4, +8.6e-2 (29%)  -5.1e-4, +3.1e-2 (10%)  -4.0e-4, +2.2e-3 (0.74%)
+#   trailing   -3.3e-4, -4.1e-2 (14%)  -3.8e-4, -4.8e-3 (1.6%) -3.8e-4, -2.2e-5 (0.01%)
+# Uniform and leading put few steps at low noise: at 20 uniform steps the step into τ_0 = 0 spans λ from 1.7 to 4.6,
+# 4x the step before it, so the extrapolation D doubles the last change of x̂_0 while narrow data's x̂_0 still
+# changes, and a correct second-order solver is 30% off in σ (DDIM: -21%). Quadratic spacing is dense at low noise
+# and 8x closer at 20 steps (DDIM there: -9.4%).
+
+@pytest.mark.parametrize("spacing", ddpm.SPACINGS)
+def test_dpmpp_2m_law_converges_to_the_data_law_as_steps_grow(spacing: str) -> None:
+    """The law's error against the ODE's exact solution shrinks in mean and in σ from 20 to 50 to 200 steps, and
+    at 200 steps the law is the data's within 1% in σ and 5e-4 in mean (the prior's 3.8e-4 included)."""
+    A_ode, B_ode = ode_solution()
+    errors = []
+    for steps in (20, 50, 200):
+        A, B = dpmpp_law(ddpm.spaced_timesteps(T_PAPER, steps, spacing).tolist())
+        errors.append((abs(B - B_ode), abs(abs(A) - A_ode)))
+        if steps == 200:
+            assert abs(B - MU) <= 5e-4 and abs(abs(A) - S) <= 0.01 * S, (B - MU, abs(A) - S)
+    for coarse, fine in zip(errors, errors[1:]):
+        assert fine[0] < coarse[0] and fine[1] < coarse[1], errors
+    assert abs(B_ode - MU) < 4e-4 and abs(A_ode - S) < 1e-5
+
+
+def test_dpmpp_2m_spacings_at_20_steps() -> None:
+    """On narrow data, 20 uniform steps are still far off (σ 30% too large), quadratic steps 8x closer."""
+    uniform, quadratic = (dpmpp_law(ddpm.spaced_timesteps(T_PAPER, 20, s).tolist()) for s in ("uniform", "quadratic"))
+    assert abs(uniform[0]) - S > 0.25 * S and 0 < abs(quadratic[0]) - S < 0.05 * S
+
+
+@pytest.mark.parametrize("spacing", ddpm.SPACINGS)
+def test_dpmpp_2m_samples_have_the_data_law_at_200_steps(spacing: str) -> None:
+    """The sampler's output: within Z standard errors of the data law at 200 steps and of its own law at 20; at 20
+    uniform steps more than 10 standard errors from the data law (so the check at 200 steps can fail)."""
+    data = (MU, S ** 2)
+    _, out = dpmpp_oracle_run(200, spacing)
+    assert is_within_oracle(out, data), (out.mean().item(), out.var().item(), clamped_normal_moments(*data))
+    A, B = dpmpp_law(ddpm.spaced_timesteps(T_PAPER, 20, spacing).tolist())
+    _, out = dpmpp_oracle_run(20, spacing)
+    assert is_within_oracle(out, (B, A * A))
+    if spacing == "uniform":
+        assert not is_within_oracle(out, data, z=10)
 
 
 # ------------------------------------------------------------------------ determinism and original timesteps
@@ -285,8 +471,9 @@ def run_with_reseed(sampler: str, eta: float, reseed: bool) -> torch.Tensor:
     return ddpm.sample(SCHEDULE, model, (2, 1, 4, 4), steps=10, sampler=sampler, eta=eta, generator=gen)
 
 
-def test_ddim_eta0_is_deterministic_given_x_T() -> None:
-    assert torch.equal(run_with_reseed("ddim", 0.0, False), run_with_reseed("ddim", 0.0, True))
+def test_ddim_eta0_and_dpmpp_2m_are_deterministic_given_x_T() -> None:
+    for sampler in ("ddim", "dpm++2m"):
+        assert torch.equal(run_with_reseed(sampler, 0.0, False), run_with_reseed(sampler, 0.0, True)), sampler
     for sampler, eta in (("ddim", 0.5), ("ddpm", 0.0)):  # samplers that do draw later: the reseed shows
         assert not torch.equal(run_with_reseed(sampler, eta, False), run_with_reseed(sampler, eta, True))
     other_x_T = ddpm.sample(SCHEDULE, toy_model, (2, 1, 4, 4), steps=10, sampler="ddim",
@@ -295,7 +482,7 @@ def test_ddim_eta0_is_deterministic_given_x_T() -> None:
 
 
 @pytest.mark.parametrize("sampler, spacing", [("ddim", "quadratic"), ("ddim", "trailing"), ("ddpm", "quadratic"),
-                                              ("ddim", "uniform")])
+                                              ("ddim", "uniform"), ("dpm++2m", "quadratic"), ("dpm++2m", "leading")])
 def test_respaced_samplers_pass_original_timesteps_to_the_model(sampler: str, spacing: str) -> None:
     calls = []
 
@@ -367,6 +554,33 @@ def test_variance_auto_is_beta_at_all_steps_and_posterior_when_respaced() -> Non
                                                                                  run(None, "posterior"))
 
 
+SAMPLE_SETTINGS = ("sampler", "eta", "spacing", "variance")
+
+
+@pytest.mark.parametrize("function", [ddpm.sample, sample.generate])
+def test_the_python_defaults_are_the_configs(function) -> None:
+    """One default for each setting (issue 25): ddpm.sample and sample.generate default to config.yaml's sample.*,
+    as the CLIs do (sample.add_sampler_arguments), so Python and the CLI give the same samples for the same
+    settings. (Both defaulted to variance "beta" before: the worst choice when respaced.)"""
+    parameters = inspect.signature(function).parameters
+    assert {k: parameters[k].default for k in SAMPLE_SETTINGS} == {k: getattr(config.Sample(), k)
+                                                                   for k in SAMPLE_SETTINGS}
+
+
+def test_ddpm_sample_respaced_defaults_to_the_posterior_variance() -> None:
+    def run(**kw) -> torch.Tensor:
+        return ddpm.sample(SCHEDULE, toy_model, (2, 1, 4, 4), steps=50, generator=torch.Generator().manual_seed(0),
+                           **kw)
+    assert torch.equal(run(), run(variance="posterior")) and not torch.equal(run(), run(variance="beta"))
+
+
+def test_variance_does_not_apply_to_the_deterministic_samplers() -> None:
+    for sampler in ("ddim", "dpm++2m"):
+        runs = [ddpm.sample(SCHEDULE, toy_model, (2, 1, 4, 4), steps=10, sampler=sampler, variance=v,
+                            generator=torch.Generator().manual_seed(0)) for v in ddpm.VARIANCES]
+        assert all(torch.equal(runs[0], r) for r in runs[1:]), sampler
+
+
 # ------------------------------------------------------------------------------------------------ the config
 
 @pytest.mark.parametrize("override, key", [("sample.sampler=euler", "sample.sampler"),
@@ -384,6 +598,13 @@ def test_config_sampler_settings_and_defaults() -> None:
                                   "sample.variance=posterior"]).sample
     assert (c.sampler, c.eta, c.spacing, c.variance) == ("ddim", 0.5, "quadratic", "posterior")
     assert config.load_config(ROOT_CONFIG).sample == config.Sample()
+
+
+def test_config_takes_dpmpp_2m_and_no_eta_with_it() -> None:
+    c = config.load_config(None, ["sample.sampler=dpm++2m", "sample.spacing=quadratic", "sample.steps=20"]).sample
+    assert (c.sampler, c.eta, c.spacing, c.steps) == ("dpm++2m", 0.0, "quadratic", 20)
+    with pytest.raises(config.ConfigError, match=r"sample\.eta"):
+        config.load_config(None, ["sample.sampler=dpm++2m", "sample.eta=0.5"])
 
 
 ROOT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
@@ -460,22 +681,22 @@ def test_sample_cli_options_reach_the_sampler(old_checkpoint: Path, tmp_path: Pa
     model, schedule = checkpoint.model_from_checkpoint(state), sample.schedule_from_config(state["config"])
     base = ["--checkpoint", str(old_checkpoint), "--num-images", "3", "--steps", "5", "--device", "cpu"]
     runs = {"ddim": dict(sampler="ddim", eta=0.5, spacing="quadratic"), "beta": dict(variance="beta"),
-            "default": {}}
+            "dpm": dict(sampler="dpm++2m", spacing="trailing"), "default": {}}
     flags = {"ddim": ["--sampler", "ddim", "--eta", "0.5", "--spacing", "quadratic"], "beta": ["--variance", "beta"],
-             "default": []}
+             "dpm": ["--sampler", "dpm++2m", "--spacing", "trailing"], "default": []}
     images = {}
     for name, kw in runs.items():
         npz = tmp_path / f"{name}.npz"
         sample.main([*base, *flags[name], "--out", str(tmp_path / f"{name}.png"), "--npz", str(npz)])
         with np.load(npz) as f:
             images[name] = torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2)
-        defaults = {k: getattr(config.Sample(), k) for k in ("sampler", "eta", "spacing", "variance")}
-        expected = sample.generate(model, schedule, 3, steps=5, **{**defaults, **kw})
+        expected = sample.generate(model, schedule, 3, steps=5, **kw)  # generate's own defaults: the CLI's
         assert torch.equal(images[name], expected), name
-    assert not torch.equal(images["ddim"], images["default"]) and not torch.equal(images["beta"], images["default"])
+    assert all(not torch.equal(images[name], images["default"]) for name in ("ddim", "beta", "dpm"))
 
 
 @pytest.mark.parametrize("flags, message", [(["--sampler", "ddpm", "--eta", "0.5"], "--sampler ddim"),
+                                            (["--sampler", "dpm++2m", "--eta", "0.5"], "--sampler ddim"),
                                             (["--sampler", "ddim", "--eta", "2"], "--eta")])
 def test_sample_cli_rejects_eta_it_cannot_use(flags: list[str], message: str, old_checkpoint: Path, tmp_path: Path,
                                               capsys) -> None:
@@ -534,10 +755,33 @@ def test_evaluate_cli_flags_reach_the_evaluation(old_checkpoint: Path, tmp_path:
     args = eval_args(tmp_path)
     ev.main(["--checkpoint", str(old_checkpoint), "--num-samples", "12", "--steps", "5", "--batch-size", "4",
              "--seed", "3", "--ref", str(args["ref"]), "--stats-cache", str(args["stats_cache"]), "--device", "cpu",
-             "--sampler", "ddim", "--eta", "0.25", "--spacing", "trailing"])
-    result = json.loads((old_checkpoint.parent / "eval.json").read_text())
+             "--sampler", "ddim", "--eta", "0.25", "--spacing", "trailing", "--metrics", str(tmp_path / "m.json")])
+    result = json.loads((tmp_path / "m.json").read_text())
     assert (result["sampler"], result["eta"], result["spacing"]) == ("ddim", 0.25, "trailing")
     assert (old_checkpoint.parent / "eval" / "samples_5_trailing_ddim-eta0.25_3").is_dir()
+
+
+def test_evaluate_cli_takes_dpmpp_2m(old_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    """--sampler dpm++2m reaches evaluate.py through sample.add_sampler_arguments, and the shards are its samples."""
+    monkeypatch.setattr(ev, "inception_extractor", lambda device: TinyExtractor())
+    args = eval_args(tmp_path)
+    ev.main(["--checkpoint", str(old_checkpoint), "--num-samples", "12", "--steps", "5", "--batch-size", "4",
+             "--seed", "3", "--ref", str(args["ref"]), "--stats-cache", str(args["stats_cache"]), "--device", "cpu",
+             "--sampler", "dpm++2m", "--spacing", "quadratic", "--metrics", str(tmp_path / "m.json")])
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert (result["sampler"], result["eta"], result["spacing"], result["variance"]) == ("dpm++2m", 0.0, "quadratic",
+                                                                                         None)
+    folder = old_checkpoint.parent / "eval" / ev.samples_folder(5, 3, "dpm++2m", 0.0, "quadratic", None)
+    shards = torch.cat([torch.from_numpy(np.load(folder / f"shard_{k:05d}.npy")) for k in range(3)])
+    state = checkpoint.load_checkpoint(old_checkpoint)
+    direct = sample.generate(checkpoint.model_from_checkpoint(state), sample.schedule_from_config(state["config"]),
+                             12, batch_size=4, steps=5, sampler="dpm++2m", spacing="quadratic", seed=3 * ev.SEED_STRIDE)
+    assert torch.equal(shards, direct)
+
+
+def test_evaluate_keeps_dpmpp_2m_shards_apart_from_ddims() -> None:
+    assert ev.samples_folder(20, 0, "dpm++2m", 0.0, "uniform", None) != ev.samples_folder(20, 0, "ddim", 0.0, "uniform",
+                                                                                          None)
 
 
 def test_only_the_papers_settings_are_comparable_with_the_paper() -> None:
