@@ -389,7 +389,7 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
         from export import load_diffusers
         model, schedule = load_diffusers(diffusers)
         step, weights, dataset = None, model.state_dict(), "cifar10"  # as its 3x32x32 images suggest; else --ref
-        own_clip = True
+        state = None
         if ref is None and (model.in_channels, model.image_size) != (3, 32):
             raise EvalError(f"{diffusers}: its {model.in_channels}x{model.image_size}x{model.image_size} images are "
                             f"not CIFAR-10's: pass --ref")
@@ -397,8 +397,7 @@ def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, s
         state = load_checkpoint(checkpoint_path, advice="(is it a checkpoint.pt written by train.py?)")
         schedule = sample.schedule_from_config(state["config"])
         step, weights, dataset = state["step"], state["ema"], state["config"]["data"]["dataset"]
-        own_clip = state["config"]["sample"]["clip"]
-    clip = own_clip if clip is None else clip
+    clip = sample.resolve_clip(clip, state)
     steps = schedule.num_timesteps if steps is None else steps
     if not 1 <= steps <= schedule.num_timesteps:
         raise ValueError(f"--steps must be in [1, {schedule.num_timesteps}], got {steps}")
@@ -525,9 +524,7 @@ def main(argv: list[str] | None = None) -> None:
                         "hub id) instead, e.g. google/ddpm-cifar10-32 (pip install -r requirements-bench.txt)")
     p.add_argument("--num-samples", type=int, default=PAPER["num_samples"], help="50000 for the paper's numbers")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all; fewer = respaced)")
-    sample.add_sampler_arguments(p)
-    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None, help="clip the predicted x0 to "
-                   "[-1, 1] (default: the checkpoint's sample.clip, as FID during training; a diffusers model clips)")
+    sample.add_sampler_arguments(p)  # with --clip / --no-clip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256, help="sampling and Inception batch (also the shard size)")
     p.add_argument("--ref", default=None, help="reference: PNG folder, .npz of images (arr_0, NHWC) or of mu and "

@@ -81,6 +81,16 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variance", choices=ddpm.VARIANCES, default=d.variance,
                    help=f"ddpm's σ² (ddpm only); auto: beta at all steps, posterior when respaced "
                         f"(default: {d.variance})")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None, help="clip the predicted x0 to "
+                   "[-1, 1] (default: the checkpoint's sample.clip, as during training; a diffusers model clips)")
+
+
+def resolve_clip(flag: bool | None, state: dict | None) -> bool:
+    """--clip / --no-clip, else the checkpoint's sample.clip (one rule for sample.py, evaluate.py and the training
+    grids and FID); a diffusers model (`state` None) clips, as its DDPMScheduler does by default."""
+    if flag is not None:
+        return flag
+    return True if state is None else state["config"]["sample"]["clip"]
 
 
 def check_sampler_flags(sampler: str, eta: float, spacing: str, variance: str) -> None:
@@ -105,7 +115,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all; fewer = respaced)")
     add_sampler_arguments(p)
-    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=256)
@@ -123,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             device = resolve_device(args.device)
         except ValueError as e:
             raise ValueError(f"--device {e}") from None
+        state = None
         if args.diffusers:
             if args.raw:
                 raise ValueError("--raw chooses a checkpoint's weights; a diffusers model has one set")
@@ -145,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     images = generate(model, schedule, args.num_images, batch_size=args.batch_size, steps=args.steps,
-                      variance=args.variance, clip=not args.no_clip, seed=args.seed, device=device, progress=True,
+                      variance=args.variance, clip=resolve_clip(args.clip, state), seed=args.seed, device=device, progress=True,
                       precision=precision, compile=args.compile, sampler=args.sampler, eta=args.eta,
                       spacing=args.spacing)
     save_grid(images, args.out)

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("diffusers")  # requirements-bench.txt; .ci/run installs it, so CI never skips
+from helpers import require
+
+require("diffusers")  # requirements-bench.txt: skips the module without it, but under CI fails (tests/conftest.py)
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 import checkpoint  # noqa: E402
@@ -484,7 +486,7 @@ def test_evaluate_a_diffusers_folder(pipeline_folders, tmp_path: Path, monkeypat
     assert "pass --ref" in run_main(evaluate.main, ["--diffusers", str(folder)], capsys)
     result = evaluate.evaluate(None, diffusers=str(folder), num_samples=10, batch_size=5, ref=ref, device="cpu",
                                extractor=ChannelStats(), progress=False, stats_cache=tmp_path / "stats")
-    saved = json.loads((folder / "eval.json").read_text())
+    saved = json.loads(evaluate.record_path(folder, result).read_text())
     assert saved == result and result["weights"] == f"diffusers {folder}" and result["checkpoint_step"] is None
     assert np.isfinite(result["fid"]) and len(list((folder / "eval" / "samples_20_beta_0").glob("shard_*"))) == 2
     assert evaluate.results_dir(None, "google/ddpm-cifar10-32") == Path("runs/diffusers/google--ddpm-cifar10-32")

@@ -180,7 +180,7 @@ def test_evaluate_reports_the_metric_the_floor_and_the_coverage(workdir: Path, e
     ckpt = fmnist_checkpoint(workdir / "run" / "checkpoint.pt")
     result = ev.evaluate(ckpt, num_samples=40, steps=3, batch_size=20, device="cpu", progress=False,
                          features="fashion-mnist")
-    assert json.loads((workdir / "run" / "eval.json").read_text()) == result
+    assert json.loads(ev.record_path(workdir / "run", result).read_text()) == result
     assert result["metric"] == "FID (Fashion-MNIST classifier features)" and result["extractor"] == extractor.name
     assert result["ref"] == "data/fashion-mnist/test.npy" and result["classifier_test_accuracy"] == extractor.test_accuracy
     real = data.load_dataset("data/fashion-mnist/train.npy")[:40]

@@ -773,6 +773,19 @@ def test_sample_cli_from_a_training_checkpoint(tiny_run, workdir: Path, capsys) 
         assert f["arr_0"].shape == (4, 32, 32, 3) and not np.array_equal(f["arr_0"], arrays[0])
 
 
+def test_sample_cli_clips_as_the_checkpoint_says_unless_told(tiny_run, workdir: Path) -> None:
+    """sample.py's --clip / --no-clip default to the checkpoint's sample.clip (the rule of the training grids, FID
+    during training and evaluate.py): a run with sample.clip false samples unclipped unless --clip is given."""
+    copy_run(tiny_run(**REF, **{"sample.clip": False}), workdir)
+    args = ["--checkpoint", f"{TINY['out_dir']}/checkpoint.pt", "--num-images", "2", "--steps", "5", "--device", "cpu"]
+    images = {}
+    for flags in ([], ["--no-clip"], ["--clip"]):
+        sample.main([*args, *flags, "--out", "s.png", "--npz", "s.npz"])
+        with np.load(workdir / "s.npz") as f:
+            images[" ".join(flags)] = f["arr_0"]
+    assert np.array_equal(images[""], images["--no-clip"]) and not np.array_equal(images[""], images["--clip"])
+
+
 def test_sample_cli_bad_checkpoint_path_exits_2(workdir: Path) -> None:
     result = run_cli("sample.py", "--checkpoint", "runs/nope/checkpoint.pt", "--out", "s.png", cwd=workdir)
     assert result.returncode == 2
