@@ -163,7 +163,7 @@ def ddim_law(taus: list[int], eta: float) -> tuple[float, float, float]:
     return A, m, v
 
 
-def ddim_oracle_run(steps: int, eta: float, spacing: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+def oracle_run(steps: int, spacing: str = "uniform", **sampler) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_T, output) of ddpm.sample with the exact ε, clip off; x_T recorded at the model's first call."""
     seen = []
 
@@ -172,9 +172,13 @@ def ddim_oracle_run(steps: int, eta: float, spacing: str = "uniform") -> tuple[t
             seen.append(x.double().clone())
         return exact_eps_model(x, t)
 
-    out = ddpm.sample(SCHEDULE, model, ORACLE_SHAPE, steps=steps, sampler="ddim", eta=eta, spacing=spacing,
-                      clip=False, generator=torch.Generator().manual_seed(0))
+    out = ddpm.sample(SCHEDULE, model, ORACLE_SHAPE, steps=steps, spacing=spacing, clip=False,
+                      generator=torch.Generator().manual_seed(0), **sampler)
     return seen[0], out.double()
+
+
+def ddim_oracle_run(steps: int, eta: float, spacing: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+    return oracle_run(steps, spacing, sampler="ddim", eta=eta)
 
 
 def test_ddim_eta0_is_the_affine_map_of_x_T() -> None:
@@ -386,17 +390,7 @@ def ode_solution() -> tuple[float, float]:
 
 
 def dpmpp_oracle_run(steps: int, spacing: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_T, output) of ddpm.sample with the exact ε, clip off; x_T recorded at the model's first call."""
-    seen = []
-
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if not seen:
-            seen.append(x.double().clone())
-        return exact_eps_model(x, t)
-
-    out = ddpm.sample(SCHEDULE, model, ORACLE_SHAPE, steps=steps, sampler="dpm++2m", spacing=spacing, clip=False,
-                      generator=torch.Generator().manual_seed(0))
-    return seen[0], out.double()
+    return oracle_run(steps, spacing, sampler="dpm++2m")
 
 
 @pytest.mark.parametrize("steps, spacing", [(20, "uniform"), (50, "quadratic"), (200, "trailing"), (10, "leading")])
