@@ -18,8 +18,8 @@ SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")  # --precision of sample.py, eval
 
 
 def derive_seed(seed: int, stream: int, index: int = 0) -> int:
-    """Independent seeds for the run's random streams (0 init/dropout, 1 data, 2 noise, 3 samples, 4 held-out
-    batch, 5 FID samples)."""
+    """Independent seeds for the run's random streams (0 init, 1 data, 2 noise, 3 samples, 4 held-out batch, 5 FID
+    samples, 6 dropout: one index per step and process)."""
     return (seed * 1_000_003 + stream * 10_007 + index) % 2**63
 
 

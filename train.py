@@ -78,6 +78,13 @@ def ema_decay_at(step: int, decay: float, *, warmup: bool = False, inv_gamma: fl
     return max(min_decay, min(decay, 1.0 - (1.0 + step / inv_gamma) ** -power))
 
 
+def dropout_seed(seed: int, step: int, dist: Dist) -> int:
+    """The global generator's seed for step `step` (0-based) on this process: dropout, its only user in a step,
+    draws other masks on every process and step (under torchrun each process holds other images), and, as a
+    function of (seed, step, rank, world), needs no state to resume exactly."""
+    return derive_seed(seed, 6, step * dist.world + dist.rank)
+
+
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     """The run's optimizer steps: train.epochs of `steps_per_epoch`, stopped early at train.max_steps if set."""
     steps = cfg.train.epochs * steps_per_epoch
@@ -301,12 +308,17 @@ class Checkpointer:
                              f"lower train.lr, enable train.grad_clip, or use precision fp32")
 
     def save(self, state: TrainState) -> None:
+        """Rank 0 writes; then every process learns whether it could (a collective, as the stop signal is), so
+        that a failed write ends all of them at once with the same error, none left waiting in the next step."""
         self.check_finite(state)
+        reason = ""
         if self.dist.main:
             try:
                 save_checkpoint(self.path, state.snapshot())
             except OSError as e:
-                raise TrainError(f"could not write {self.path} ({e.strerror or e}){self.kept()}") from None
+                reason = str(e.strerror or e)
+        if self.dist.agree(bool(reason)):
+            raise TrainError(f"could not write {self.path} ({reason or 'on rank 0: see its error'}){self.kept()}")
         self.step = state.step
 
 
@@ -583,6 +595,7 @@ def run_epochs(setup: Setup, state: TrainState, logger: Logger, stop: Stop, *, p
                 x, t, noise = (v.tensor_split(dist.world)[dist.rank] for v in (x, t, noise))
                 if state.step == 0:
                     logger.log({"inputs": ddpm.to_uint8(x[:64])}, step=0)
+                torch.manual_seed(dropout_seed(cfg.seed, state.step, dist))
                 lr = setup.lr(state.step)
                 loss, grad_norm = train_step(p, x, t, noise, lr=lr, weight=x.shape[0] * dist.world / B,
                                              ema_decay=setup.ema_decay(state.step))

@@ -44,7 +44,7 @@ FID_LINE = re.compile(r"classifier features\): ([0-9.]+) \(real-data floor ([0-9
 def commands(name: str, steps: int, seed: int) -> tuple[list[str], list[str], str]:
     out = f"runs/ablation/{name}-s{steps}-seed{seed}"
     train = [sys.executable, "train.py", "--config", PRESET, f"out_dir={out}", f"seed={seed}", f"train.max_steps={steps}",
-             *BASE, *ROWS[name], "--fresh"]
+             *BASE, *ROWS[name]]  # no --fresh: a row stopped by a signal resumes where it stopped
     score = [sys.executable, "evaluate.py", "--checkpoint", f"{out}/checkpoint.pt", *SCORE]
     return train, score, out
 
@@ -54,7 +54,7 @@ def run_row(name: str, steps: int, seed: int, out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     t0 = time.perf_counter()
     subprocess.run(train, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t0  # of this call: a resumed row's is the rest only
     t0 = time.perf_counter()
     result = subprocess.run(score, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     score_s = time.perf_counter() - t0

@@ -36,6 +36,7 @@ import data
 import ddpm
 import sample
 import train
+import unet
 from helpers import (TINY, UNET_ARGS, assert_equal_nested, assert_same_training, decode_png, flat_weights, grid_side,
                      initial_weights, link_datasets, one_error_line, read_wandb_log, run_cli, snapshot, tiny_config,
                      wandb_env, write_config, write_small_idx, write_synthetic_cifar)
@@ -259,6 +260,19 @@ def test_config_diff_refuses_a_new_length_when_the_lr_decays_to_it() -> None:
         longer = lambda cfg: config.to_dict(tiny_config(**{"train.lr_schedule": cfg.train.lr_schedule, key: value}))
         assert train.config_diff(config.to_dict(const), longer(const)) == []
         assert train.config_diff(config.to_dict(cosine), longer(cosine)) == [key]
+
+
+def test_dropout_draws_other_masks_on_every_process_and_step() -> None:
+    """Under torchrun each process holds other images, so its dropout masks must be its own (they were all the same
+    while every rank seeded the global generator alike); and a function of the step, for an exact resume."""
+    for world in (1, 2, 4):  # within a run (one world size): no two (step, rank) share a seed
+        seeds = [train.dropout_seed(0, step, train.Dist(rank, world)) for step in range(50) for rank in range(world)]
+        assert len(set(seeds)) == len(seeds)
+    masks = []
+    for rank in (0, 1):
+        torch.manual_seed(train.dropout_seed(0, 7, train.Dist(rank, 2)))
+        masks.append(unet.Dropout(0.1).train()(torch.ones(1000)) == 0)
+    assert not torch.equal(*masks) and all(50 < int(m.sum()) < 150 for m in masks)
 
 
 def test_config_diff_ignores_only_resumable_keys() -> None:
