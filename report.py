@@ -109,8 +109,10 @@ def training_minutes(history: list[dict]) -> list[float]:
     return minutes
 
 
-def curve(history: list[dict], num_samples: int | None = None) -> Image.Image:
-    """Loss and EMA loss per epoch and, where measured, the FID, against minutes of training (FID time excluded)."""
+def curve(history: list[dict], num_samples: int | None = None, *,
+          compare: tuple[str, list[dict]] | None = None) -> Image.Image:
+    """Loss and EMA loss per epoch and, where measured, the FID, against minutes of training (FID time excluded);
+    `compare` (label, another run's history) adds that run's FID to the FID panel."""
     minutes = training_minutes(history)
     loss = line_chart({"loss (epoch mean)": (minutes, [float(r["loss"]) for r in history], BLUE),
                        "EMA loss (held-out)": (minutes, [float(r["ema_loss"]) for r in history], ORANGE)},
@@ -118,7 +120,12 @@ def curve(history: list[dict], num_samples: int | None = None) -> Image.Image:
     measured = [(m, float(r["fid"])) for m, r in zip(minutes, history) if r.get("fid")]
     if not measured:
         return loss
-    fid = line_chart({"FID": ([m for m, _ in measured], [f for _, f in measured], GREEN)}, log_y=True,
+    series = {"FID": ([m for m, _ in measured], [f for _, f in measured], GREEN)}
+    if compare is not None:
+        label, other = compare
+        pts = [(m, float(r["fid"])) for m, r in zip(training_minutes(other), other) if r.get("fid")]
+        series[label] = ([m for m, _ in pts], [f for _, f in pts], ORANGE)
+    fid = line_chart(series, log_y=True,
                      title=f"FID (Fashion-MNIST classifier features), {num_samples or '?'} samples",
                      xlabel="minutes of training")
     both = Image.new("RGB", (loss.width + fid.width, loss.height), "white")
@@ -136,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None, help="samples.png's sampler (default: the run's)")
     p.add_argument("--steps", type=int, default=None, help="its steps (default: the run's sample.steps)")
     p.add_argument("--variance", choices=ddpm.VARIANCES, default=None, help="ddpm's σ² (default: the run's)")
+    p.add_argument("--compare", nargs=2, metavar=("HISTORY_CSV", "LABEL"), default=None,
+                   help="also draw this history.csv's FID on the curve, named LABEL (e.g. an earlier recipe)")
     args = p.parse_args(argv)
     run, out = Path(args.run), Path(args.out)
     state = load_checkpoint(run / "checkpoint.pt")
@@ -152,7 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     if s["sampler"] == "ddpm":
         how += f", variance {ddpm.resolve_variance(s['variance'], s['steps'], T)}"  # ASCII: the default font
     _save(captioned([grid(images), grid(real)], [f"samples (EMA, {how})", "real training images"]), out / "samples.png")
-    _save(curve(history, cfg.get("eval", {}).get("num_samples")), out / "curve.png")
+    compare = None
+    if args.compare:
+        with open(args.compare[0]) as f:
+            compare = (args.compare[1], list(csv.DictReader(f)))
+    _save(curve(history, cfg.get("eval", {}).get("num_samples"), compare=compare), out / "curve.png")
     grids = sorted((run / "samples").glob("epoch_*.png"))
     by_epoch = {int(r["epoch"]): r for r in history}
     labels = []

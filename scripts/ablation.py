@@ -2,6 +2,7 @@
 scored the same way. One JSON line per row (appended to --out), with the exact commands that made it:
 
     python scripts/ablation.py --rows baseline cosine --steps 500 --out docs/quality/ablation.jsonl
+    python scripts/ablation.py --table      # the markdown table of docs/quality.md
 
 Every row trains configs/fashion-mnist-cpu.yaml with the row's overrides for --steps optimizer steps
 (train.max_steps; the lr schedule ends there) on one thread, with no grids and no FID during training, then
@@ -71,13 +72,28 @@ def run_row(name: str, steps: int, seed: int, out: Path) -> None:
     print(json.dumps(row), flush=True)
 
 
+def table(path: Path) -> str:
+    """The markdown table of docs/quality.md from the JSON lines at `path`, in the order they were measured."""
+    lines = ["| row | seed | changes from the old recipe | FID @ 2,000 | × floor | EMA loss | loss |", "|---|---|---|---|---|---|---|"]
+    for r in map(json.loads, path.read_text().splitlines()):
+        changes = " ".join(o for o in ROWS[r["row"]] if o not in OLD) or "none"
+        _, _, loss, ema_loss, *_ = r["last_history_row"].split(",")
+        lines.append(f"| {r['row']} | {r['seed']} | `{changes}` | **{r['fid']:.1f}** | {r['ratio']:.0f} | "
+                     f"{float(ema_loss):.4f} | {float(loss):.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", nargs="+", choices=sorted(ROWS), required=True)
+    p.add_argument("--rows", nargs="+", choices=sorted(ROWS))
+    p.add_argument("--table", action="store_true", help="print the markdown table of --out instead")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "docs/quality/ablation.jsonl")
     args = p.parse_args()
+    if args.table or not args.rows:
+        print(table(args.out))
+        return
     if len(args.rows) == 1:
         run_row(args.rows[0], args.steps, args.seed, args.out)
         return

@@ -74,3 +74,16 @@ def test_the_curve_gets_an_fid_panel_only_where_fid_was_measured_and_minutes_lea
     assert np.allclose(report.training_minutes(rows), [2.5, 5.5, 8.5])
     assert report.curve(rows).size == (1040, 300)  # loss panel + FID panel
     assert report.curve([{**r, "fid": "", "fid_time_s": ""} for r in rows]).size == (520, 300)
+
+
+def test_compare_draws_the_other_runs_fid_in_the_fid_panel() -> None:
+    """--compare: the earlier recipe's FID beside this run's, in its own colour, in the FID panel only."""
+    rows = [{"epoch": "1", "loss": "0.2", "ema_loss": "0.3", "wall_time_s": "150", "fid": "90", "fid_time_s": "30"},
+            {"epoch": "2", "loss": "0.1", "ema_loss": "0.2", "wall_time_s": "330", "fid": "60", "fid_time_s": "30"}]
+    old = [{**r, "fid": str(2 * float(r["fid"])), "wall_time_s": str(2 * float(r["wall_time_s"]))} for r in rows]
+    fid_panel = lambda img: np.asarray(img)[:, 520:]  # noqa: E731
+    orange = lambda a: int((np.abs(a.astype(int) - report.ORANGE).sum(-1) < 30).sum())  # noqa: E731
+    alone, both = report.curve(rows, 500), report.curve(rows, 500, compare=("old recipe", old))
+    assert orange(fid_panel(alone)) == 0 and orange(fid_panel(both)) > 50
+    assert np.array_equal(np.asarray(alone)[:, :520], np.asarray(both)[:, :520])  # the loss panel is the same
+
