@@ -1,7 +1,8 @@
 """Shared test settings: one CPU thread (fast, steady, bitwise-reproducible), every test starting from the same
 global random state and seeing a CPU without native bf16, a derandomized hypothesis profile under CI, the `device`
-fixture that runs a test on cpu and, when there is one, cuda, the small synthetic dataset that end-to-end tests train on and the `workdir` that links it
-in, and under CI no skips but the CUDA ones (a test that skips in CI has checked nothing)."""
+fixture that runs a test on cpu and, when there is one, cuda, the small synthetic dataset that end-to-end tests
+train on and the `workdir` that links it in, and under CI no skips but the CUDA ones, of a test or of a whole
+module (a test that skips in CI has checked nothing)."""
 import os
 import sys
 from pathlib import Path
@@ -28,9 +29,8 @@ NEEDS_CUDA = "needs CUDA"
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason=NEEDS_CUDA)])]
 # Under CI a skip fails the test unless its reason starts with one of these. "CUDA is available" marks the few
-# checks of what happens without a GPU, skipped on a GPU machine; a repository without a committed dvc.lock has
-# no lock to check (README: none is committed for the CIFAR-10 defaults).
-CI_SKIPS = (NEEDS_CUDA, "CUDA is available", "no dvc.lock is committed")
+# checks of what happens without a GPU, skipped on a GPU machine.
+CI_SKIPS = (NEEDS_CUDA, "CUDA is available")
 
 
 @pytest.fixture(params=DEVICES)
@@ -64,14 +64,24 @@ def workdir(tmp_path: Path, monkeypatch, cifar: Path) -> Path:
     return tmp_path
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """Under CI, a skip for any reason but CI_SKIPS is reported as a failure (e.g. a missing optional package)."""
-    outcome = yield
-    report = outcome.get_result()
+def _fail_a_skip_under_ci(report) -> None:
     if CI and report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
         if not reason.startswith(CI_SKIPS):
             report.outcome = "failed"
             report.longrepr = f"skipped under CI, where only {' / '.join(CI_SKIPS)} may skip: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI, a skip for any reason but CI_SKIPS is reported as a failure (e.g. a missing optional package)."""
+    outcome = yield
+    _fail_a_skip_under_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped while it is collected (a module-level importorskip)."""
+    outcome = yield
+    _fail_a_skip_under_ci(outcome.get_result())

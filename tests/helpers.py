@@ -1,12 +1,13 @@
 """What several test modules share, defined once: tiny settings, tiny datasets and archives on disk, running the CLIs
 and reading what they print, comparing two runs, reading back what a run wrote (PNG grids, the offline wandb run's
 transaction log), keeping wandb away from the home folder, a malicious pickle, the float64 references of the DDPM
-math with the Gaussian sampler oracle, a tiny feature extractor and checkpoint for evaluation, and `require` for
-optional packages.
+math with the Gaussian sampler oracle, a tiny feature extractor and checkpoint for evaluation, coverage paused
+while torch.compile compiles, and `require` for optional packages.
 No test module imports another test module. tests/launcher.py is the script that runs train.py with one function
 wrapped (a kill, a signal or a hang at a chosen call) and counts the training steps a run executes."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib
@@ -176,7 +177,13 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT), **extra}
 
 
-def run_python(argv: list[str], *, cwd: Path, timeout: float = 180, env: dict | None = None) \
+# A child process that runs longer than this has hung: the slowest one measured, a torchrun launch of
+# tests/test_distributed.py, took 19.5 s with two copies of the torchrun and kill-and-resume tests running side by
+# side (and other jobs) on a 2-core AMD EPYC.
+TIMEOUT_S = 300
+
+
+def run_python(argv: list[str], *, cwd: Path, timeout: float = TIMEOUT_S, env: dict | None = None) \
         -> subprocess.CompletedProcess:
     """`python argv` in `cwd`. Output is decoded here rather than in text mode, which would turn the carriage
     returns of a progress bar into line breaks and hide what a terminal really shows."""
@@ -185,17 +192,21 @@ def run_python(argv: list[str], *, cwd: Path, timeout: float = 180, env: dict | 
                                        p.stderr.decode(errors="replace"))
 
 
-def run_cli(script: str, *args: str, cwd: Path, timeout: float = 180, env: dict | None = None) \
+def run_cli(script: str, *args: str, cwd: Path, timeout: float = TIMEOUT_S, env: dict | None = None) \
         -> subprocess.CompletedProcess:
     """`python ROOT/script args` in `cwd`, as a user runs it."""
     return run_python([str(ROOT / script), *args], cwd=cwd, timeout=timeout, env=env)
 
 
-def launch(spec: dict, args: list[str], *, cwd: Path, procs: int = 1, timeout: float = 300,
+def launch(spec: dict, args: list[str], *, cwd: Path, procs: int = 1, timeout: float = TIMEOUT_S,
            env: dict | None = None) -> subprocess.CompletedProcess:
     """train.py's main(args) through tests/launcher.py with `spec` (see there), in `procs` processes (torchrun)."""
     runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
-    return run_python([*runner, str(LAUNCHER), json.dumps(spec), *args], cwd=cwd, timeout=timeout, env=env)
+    try:
+        return run_python([*runner, str(LAUNCHER), json.dumps(spec), *args], cwd=cwd, timeout=timeout, env=env)
+    finally:
+        for marker in Path(cwd).glob("launcher.done.*"):  # the ranks' meeting point at exit (tests/launcher.py)
+            marker.unlink()
 
 
 def launched_steps(cwd: Path, rank: int = 0) -> int:
@@ -467,16 +478,38 @@ def make_checkpoint(path: Path, *, seed: int = 0, step: int = 100, num_timesteps
     return path
 
 
+# ---------------------------------------------------------------- coverage
+
+@contextlib.contextmanager
+def coverage_paused():
+    """Coverage off inside the block, when it is on (pytest's default --cov): for long work that runs none of the
+    measured lines but many Python calls, which coverage's tracer slows all the same. torch.compile's first call
+    (dynamo, inductor, sympy; dynamo reads our forward's bytecode, it does not run it): +50% CPU time for
+    tests/test_fastpath.py's compiled step; training the Fashion-MNIST classifier (features.py): +6%."""
+    try:
+        import coverage
+        cov = coverage.Coverage.current()
+    except ImportError:
+        cov = None
+    if cov is not None:
+        cov.stop()
+    try:
+        yield
+    finally:
+        if cov is not None:
+            cov.start()
+
+
 # ---------------------------------------------------------------- optional packages
 
 def require(module: str):
     """Import an optional package that a test needs. Without it the test skips, except under CI (env CI set),
-    where a missing package is a failure: CI installs requirements-eval.txt and requirements-bench.txt, and a
-    test that silently skipped there would pass having checked nothing."""
+    where a missing package is a failure: CI installs requirements-dev.txt, and a test that silently skipped
+    there would pass having checked nothing."""
     if os.environ.get("CI"):
         try:
             return importlib.import_module(module)
         except ImportError as e:
             pytest.fail(f"CI is set and {module} cannot be imported ({e}); "
-                        f"pip install -r requirements-eval.txt -r requirements-bench.txt")
+                        "pip install -r requirements-dev.txt")
     return pytest.importorskip(module)

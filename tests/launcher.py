@@ -13,6 +13,13 @@ SPEC is JSON:
 
 Every run counts its training steps (calls of train.train_step) and writes the number to launcher.steps.<RANK>
 when train.main returns or exits (not when killed): a resumed run must execute only the steps it had left.
+
+Under torchrun, once train.main has returned or exited, a rank ignores SIGTERM and waits (at most WAIT_S) until
+every rank has got there. torchrun's agent sends SIGTERM to the ranks still running as soon as one exits with an
+error; on a loaded machine that ended a slower rank before it printed its error line, or while its interpreter
+was closing down (reported as -15), and tests read every rank's line and exit code. Both happen after train.main,
+out of its sight: what it prints and the exit code it chose are unchanged, a rank that never gets there still
+shows (the others stop waiting after WAIT_S), and the agent still kills a rank that hangs (SIGKILL after 30 s).
 """
 import importlib
 import json
@@ -28,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402  (after the project folder is on the path)
 
 state = {"inside": 0, "active": spec.get("inside") is None, "calls": 0, "steps": 0}
+WAIT_S = 120
 
 
 def patch(dotted: str, make) -> None:
@@ -73,6 +81,16 @@ def steps(real):
     return wrapper
 
 
+def leave_together() -> None:
+    """Return once every rank of this torchrun launch has called this, or after WAIT_S."""
+    run, world, rank = os.environ["TORCHELASTIC_RUN_ID"], int(os.environ["WORLD_SIZE"]), os.environ["RANK"]
+    Path(f"launcher.done.{run}.{rank}").touch()
+    deadline = time.monotonic() + WAIT_S
+    while (time.monotonic() < deadline
+           and not all(Path(f"launcher.done.{run}.{r}").exists() for r in range(world))):
+        time.sleep(0.05)
+
+
 patch("train.train_step", steps)
 if spec.get("inside"):
     patch(spec["inside"], counting)
@@ -82,3 +100,6 @@ try:
     train.main(sys.argv[2:])
 finally:
     Path(f"launcher.steps.{os.environ.get('RANK', '0')}").write_text(str(state["steps"]))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        leave_together()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from helpers import ROOT, TINY, child_env, launch, launched_steps, overrides
+from helpers import ROOT, TIMEOUT_S, TINY, child_env, launch, launched_steps, overrides
 
 pytestmark = pytest.mark.slow
 # SGD, no dropout, no flips: Adam would magnify float noise in near-zero gradients (see the issue). 43 images in
@@ -88,7 +88,7 @@ def test_batch_not_divisible_by_world_size_is_refused_before_the_process_group(w
     env = child_env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "config.yaml"),
                         *overrides(SETTINGS), "train.batch_size=15"], cwd=workdir, capture_output=True, text=True,
-                       timeout=60, env=env)
+                       timeout=TIMEOUT_S, env=env)
     assert p.returncode == 2
     assert p.stderr.strip() == "error: train.batch_size: 15 is not divisible by the 2 processes"
     # Through torchrun, every worker says the same and torchrun reports exit code 2.

@@ -26,7 +26,9 @@ TINY = nest({**TINY_MODEL, "diffusion.num_timesteps": 50, "train.epochs": 1, "tr
 
 
 def run(repo: Path, *args: str) -> str:
-    p = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=300)
+    # The timeout only catches a hang: the slowest command, `dvc repro` of both stages, took 46 s beside another
+    # test run on a busy 2-core AMD EPYC.
+    p = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"{' '.join(args)} failed:\n{p.stdout}\n{p.stderr}"
     return p.stdout
 
@@ -71,6 +73,8 @@ def repo(tmp_path_factory) -> Path:
     cfg["data"].update(source=str(archive), md5=md5_of(archive))
     (repo / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     run(repo, "git", "init", "-q")
+    for key, value in (("user.name", "tests"), ("user.email", "tests@example.invalid")):  # git and dvc exp commit
+        run(repo, "git", "config", key, value)
     commit(repo, "project")
     return repo
 
@@ -190,10 +194,14 @@ def test_params_are_exactly_the_keys_that_change_a_result() -> None:
 
 
 def test_committed_lock_agrees_with_the_pipeline() -> None:
-    """A committed dvc.lock must record a real run of the committed dvc.yaml and config.yaml."""
-    lock = ROOT / "dvc.lock"
-    if not lock.exists():  # the policy (README): none is committed for the CIFAR-10 defaults, not producible here
-        pytest.skip("no dvc.lock is committed: nothing to check")
-    p = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout or "{}") == {}
+    """Either no dvc.lock is committed and docs/dvc.md says why (the CIFAR-10 defaults cannot be run where this
+    code is developed, and a lock that records no real run would be a lie), or the committed lock records a real
+    run of the committed dvc.yaml and config.yaml and docs/dvc.md does not deny it."""
+    committed = run(ROOT, "git", "ls-files", "dvc.lock").strip() == "dvc.lock"
+    policy = "This repository does not ship one"
+    docs = " ".join((ROOT / "docs/dvc.md").read_text().split())
+    if not committed:
+        assert policy in docs, "no dvc.lock is committed, and docs/dvc.md does not say why"
+        return
+    assert policy not in docs, "docs/dvc.md says no dvc.lock is committed, but one is"
+    assert stale(ROOT) == set(), "the committed dvc.lock does not record the committed pipeline"

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -64,9 +65,9 @@ def work(tmp_path: Path, dataset: Path, monkeypatch) -> Path:
     return new_work(tmp_path, dataset)
 
 
-def run(work: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(work: Path, *args: str) -> subprocess.CompletedProcess:
     """`python train.py --config config.yaml args` in `work`."""
-    return run_cli("train.py", *CONFIG, *args, cwd=work, timeout=timeout)
+    return run_cli("train.py", *CONFIG, *args, cwd=work)
 
 
 def resume(work: Path, *args: str) -> int:
@@ -165,7 +166,8 @@ def test_a_second_sigint_quits_at_once(work: Path) -> None:
     # The message, then (a hard exit does not tidy up) at most the progress bar as it was drawn last.
     first, *rest = visible_lines(result.stderr)
     assert first == MESSAGE.format("SIGINT") and "Traceback" not in result.stderr, result.stderr
-    assert all(line.startswith("epoch 1/3:") and line.endswith("step/s]") for line in rest), result.stderr
+    # tqdm shows the rate as "2.50step/s" or, below one step a second (a slow or loaded machine), "1.25s/step".
+    assert all(re.fullmatch(r"epoch 1/3:.*(step/s|s/step)\]", line) for line in rest), result.stderr
     assert load_checkpoint(work / "runs/r/checkpoint.pt")["step"] == 2
     assert not (work / "launcher.steps.0").exists()  # os._exit: the process ended inside step 3
 
@@ -198,7 +200,7 @@ def test_unusable_checkpoint_exits_2_in_one_line_and_is_left_as_it_is(damage: st
     assert snapshot(work) == before  # not overwritten, nothing else created
 
     if damage == "other-architecture":
-        result = run(work, *args, "train.epochs=1", "--fresh")
+        result = run(work, *args, "train.epochs=1", "data.subset=8", "--fresh")  # one step is enough
         assert result.returncode == 0, result.stderr
         assert load_checkpoint(ckpt)["config"]["model"]["channels"] == 64
 
