@@ -9,6 +9,7 @@ SPEC is JSON:
   "inside": "train.save_checkpoint", "inside_call": 4         count calls of `wrap` only during that call of it
   "rank": 1                                                    act in that process of a torchrun launch only
   {"wrap": "ddpm.loss", "call": 2, "action": "nan"}            the 2nd call returns a NaN loss (its gradient is kept)
+  {"wrap": "train.save_checkpoint", "call": 1, "action": "disk-full"}   the 1st call raises OSError ENOSPC
   {}                                                           nothing: just count
 
 Every run counts its training steps (calls of train.train_step) and writes the number to launcher.steps.<RANK>
@@ -21,6 +22,7 @@ was closing down (reported as -15), and tests read every rank's line and exit co
 out of its sight: what it prints and the exit code it chose are unchanged, a rank that never gets there still
 shows (the others stop waiting after WAIT_S), and the agent still kills a rank that hangs (SIGKILL after 30 s).
 """
+import errno
 import importlib
 import json
 import math
@@ -64,6 +66,8 @@ def trigger(real):
             if state["calls"] == spec["call"]:
                 if spec["action"] == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
+                if spec["action"] == "disk-full":
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 if spec["action"] == "nan":
                     out = real(*args, **kwargs)
                     return out + math.nan - out.detach()  # the value is NaN, the gradient stays finite

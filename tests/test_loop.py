@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +187,19 @@ def test_a_non_finite_loss_in_one_process_stops_both_with_the_same_error(work: P
     line = "error: non-finite loss or gradient at step 2; lower train.lr"
     assert p.stderr.count(line) == 2, p.stderr
     assert not (work / "runs/nan/checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_rank_0_cannot_write_stops_both_with_an_error(work: Path) -> None:
+    """Rank 0's first checkpoint write fails (disk full). Every process learns it at once (Checkpointer.save
+    agrees on the outcome) and exits 1 naming the checkpoint, instead of rank 1 going on into the next step's
+    collective until torchrun's agent ends it, with nothing in its output about why."""
+    spec = {"wrap": "train.save_checkpoint", "call": 1, "action": "disk-full", "rank": 0}
+    t0 = time.perf_counter()
+    p = run(work, "runs/full", spec, procs=2)
+    took = time.perf_counter() - t0
+    assert exit_codes(p.stderr) == [1, 1], p.stderr
+    assert p.stderr.count("error: could not write runs/full/checkpoint.pt (") == 2, p.stderr
+    assert "No space left on device" in p.stderr
+    print(f"both ranks exited {took:.1f} s after the launch")
+
