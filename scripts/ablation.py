@@ -74,7 +74,8 @@ def run_row(name: str, steps: int, seed: int, out: Path) -> None:
 
 def table(path: Path) -> str:
     """The markdown table of docs/quality.md from the JSON lines at `path`, in the order they were measured."""
-    lines = ["| row | seed | changes from the old recipe | FID @ 2,000 | × floor | EMA loss | loss |", "|---|---|---|---|---|---|---|"]
+    lines = ["| row | seed | changes from the old recipe | FID @ 2,000 | × floor | EMA loss | loss |",
+             "|---|---|---|---|---|---|---|"]
     for r in map(json.loads, path.read_text().splitlines()):
         changes = " ".join(o for o in ROWS[r["row"]] if o not in OLD) or "none"
         _, _, loss, ema_loss, *_ = r["last_history_row"].split(",")
