@@ -173,7 +173,8 @@ class Config:
 # shape the preview grids drawn after the resume (the weights, history and metrics do not depend on them), and
 # checkpoints written before a sample key existed must still resume.
 RESUMABLE_KEYS = frozenset({"device", "train.epochs", "train.max_steps", "train.checkpoint_every", "data.num_workers",
-                            "data.root", "data.source", "data.md5", "wandb.mode", "wandb.project", "wandb.entity", "wandb.log_every",
+                            "data.root", "data.source", "data.md5", "wandb.mode", "wandb.project", "wandb.entity",
+                            "wandb.log_every",
                             *(f"sample.{f.name}" for f in dataclasses.fields(Sample))})
 
 
