@@ -5,7 +5,7 @@
 
 and load a diffusers UNet2DModel or DDPMPipeline (a folder, or a hub id where the network allows) as our UNet and
 schedule: `load_diffusers`, behind `sample.py --diffusers` and `evaluate.py --diffusers`. The weights are mapped by
-unet.from_diffusers / unet.to_diffusers. diffusers is optional (requirements-bench.txt) and imported only here.
+`from_diffusers` / `to_diffusers` below. diffusers is optional (requirements-bench.txt) and imported only here.
 """
 from __future__ import annotations
 
@@ -17,14 +17,17 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
+import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
+import torch
+from torch import Tensor
 
 import ddpm
 from checkpoint import CheckpointError, load_checkpoint, model_args
 from config import GROUPS
-from unet import UNet, from_diffusers, to_diffusers
+from unet import UNet
 
 _BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> DDPMScheduler's (same betas)
 _VARIANCES = {"beta": "fixed_large", "posterior": "fixed_small"}      # σ² = β_t or β̃_t
@@ -99,6 +102,138 @@ def model_args_from_diffusers(config: Mapping[str, Any]) -> dict:
                 attn_resolutions=[size // 2 ** i for i, t in enumerate(down) if t.startswith("Attn")],
                 dropout=c["dropout"], image_size=size, norm_eps=c["norm_eps"],
                 downsample_padding=padding)
+
+
+# ---------------------------------------------------------------------------------------- the diffusers bridge
+# diffusers' UNet2DModel in the layout of google/ddpm-cifar10-32 is this network layer for layer: names differ,
+# and attention's q, k, v and output projections are Linear layers there, 1x1 convolutions (q, k, v fused) here.
+
+_RES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
+        "skip": "conv_shortcut"}
+_ATTN = {"norm": "group_norm", "qkv": "to_qkv", "proj": "to_out.0"}  # to_qkv: to_q, to_k, to_v concatenated
+_LINEAR = re.compile(r".*\.(qkv|proj)\.weight")  # ours (O, I, 1, 1) <-> theirs (O, I)
+
+
+def _names(levels: int, num_res_blocks: int) -> dict[str, str]:
+    """Our parameter name -> diffusers' for every parameter that a UNet with `levels` resolutions of
+    `num_res_blocks` blocks can have (attention and skip convs included; a given model has a subset)."""
+    layers = {"temb.0": "time_embedding.linear_1", "temb.2": "time_embedding.linear_2", "conv_in": "conv_in",
+              "norm_out": "conv_norm_out", "conv_out": "conv_out"}
+
+    def block(ours: str, res: str, attn: str) -> None:
+        layers.update({f"{ours}.0.{a}": f"{res}.{b}" for a, b in _RES.items()})
+        layers.update({f"{ours}.1.{a}": f"{attn}.{b}" for a, b in _ATTN.items()})
+    k = 0
+    for i in range(levels):
+        for j in range(num_res_blocks):
+            block(f"down.{k}", f"down_blocks.{i}.resnets.{j}", f"down_blocks.{i}.attentions.{j}")
+            k += 1
+        if i < levels - 1:
+            layers[f"down.{k}"] = f"down_blocks.{i}.downsamplers.0.conv"
+            k += 1
+    block("mid", "mid_block.resnets.0", "mid_block.attentions.0")  # mid.0: ResBlock, mid.1: AttnBlock
+    layers.update({f"mid.2.{a}": f"mid_block.resnets.1.{b}" for a, b in _RES.items()})
+    k = 0
+    for i in range(levels):  # diffusers' up block i is our level levels - 1 - i: both count from the bottom
+        for j in range(num_res_blocks + 1):
+            block(f"up.{k}", f"up_blocks.{i}.resnets.{j}", f"up_blocks.{i}.attentions.{j}")
+            k += 1
+        if i < levels - 1:
+            layers[f"up.{k}.1"] = f"up_blocks.{i}.upsamplers.0.conv"  # up.k.0 is the nearest-neighbour Upsample
+            k += 1
+    return {f"{a}.{p}": f"{b}.{p}" for a, b in layers.items() for p in ("weight", "bias")}
+
+
+def _count(keys: Sequence[str], pattern: str) -> int:
+    """1 + the largest index that `pattern` (one group) captures in `keys`; 0 if it matches none."""
+    return 1 + max((int(m.group(1)) for m in map(re.compile(pattern).match, keys) if m), default=-1)
+
+
+def _levels_and_blocks(keys: Sequence[str]) -> tuple[int, int]:
+    """(levels, num_res_blocks) of one of our state dicts, from its names: per level, num_res_blocks blocks and
+    then (but for the last level) the downsampling conv, whose weight sits directly at down.k."""
+    n = _count(keys, r"down\.(\d+)\.")
+    blocks = min((k for k in range(n) if f"down.{k}.weight" in keys), default=n)
+    return (n + 1) // (blocks + 1), max(blocks, 1)
+
+
+def _check_fits(sd: Mapping[str, Tensor], levels: int, num_res_blocks: int, name: Any = str) -> None:
+    """ValueError naming (through `name`) the first key of our state dict `sd` that the UNet its shapes imply
+    lacks or has in another shape, or else the first key of that UNet that `sd` lacks."""
+    def shape(key: str) -> torch.Size:
+        if key not in sd:
+            raise ValueError(f"{name(key)}: missing (not the DDPM UNet layout)")
+        return sd[key].shape
+    channels = shape("conv_in.weight")[0]
+    mult = [shape(f"down.{i * (num_res_blocks + 1)}.0.conv1.weight")[0] // max(channels, 1) for i in range(levels)]
+    attn = [2 ** (levels - 1 - i) for i in range(levels) if f"down.{i * (num_res_blocks + 1)}.1.qkv.weight" in sd]
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            expected = UNet(shape("conv_in.weight")[1], shape("conv_out.weight")[0], channels, mult, num_res_blocks,
+                            attn, image_size=2 ** (levels - 1)).state_dict()
+    except ValueError as e:
+        raise ValueError(f"{name('conv_in.weight')}: {e}") from None
+    for key, value in sd.items():
+        if key not in expected:
+            raise ValueError(f"{name(key)}: not a parameter of the DDPM UNet layout")
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{name(key)}: shape {tuple(value.shape)} does not fit, expected "
+                             f"{tuple(expected[key].shape)}")
+    missing = [key for key in expected if key not in sd]
+    if missing:
+        raise ValueError(f"{name(missing[0])}: missing")
+
+
+def from_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A UNet2DModel state dict of the DDPM layout (google/ddpm-cifar10-32's) -> ours, which `UNet` built with
+    `export.model_args_from_diffusers(its config)` loads with strict=True. Exact inverse of `to_diffusers`.
+    Raises ValueError naming the first key that does not fit (another layout, another size)."""
+    keys = list(state_dict)
+    levels = max(_count(keys, r"down_blocks\.(\d+)\."), 1)
+    blocks = max(_count(keys, r"down_blocks\.0\.resnets\.(\d+)\."), 1)
+    names = _names(levels, blocks)
+    theirs = {b: a for a, b in names.items()}
+    out = {}
+    for key, value in state_dict.items():
+        if ".to_k." in key or ".to_v." in key:
+            continue  # fused with its to_q
+        if ".to_q." in key:
+            parts = [state_dict.get(key.replace(".to_q.", f".to_{c}.")) for c in "qkv"]
+            for c, p in zip("kv", parts[1:]):
+                if p is None or p.shape != value.shape:
+                    raise ValueError(f"{key.replace('.to_q.', f'.to_{c}.')}: "
+                                     f"{'missing' if p is None else f'shape {tuple(p.shape)}'}, expected "
+                                     f"{tuple(value.shape)} as {key}")
+            key, value = key.replace(".to_q.", ".to_qkv."), torch.cat(parts)
+        if key not in theirs:
+            raise ValueError(f"{key.replace('.to_qkv.', '.to_q.')}: not a parameter of the DDPM UNet layout")
+        ours = theirs[key]
+        if _LINEAR.fullmatch(ours):
+            if value.ndim != 2:
+                raise ValueError(f"{key.replace('.to_qkv.', '.to_q.')}: shape {tuple(value.shape)}, expected a "
+                                 f"Linear layer's (out, in)")
+            value = value[:, :, None, None]
+        out[ours] = value
+    _check_fits(out, levels, blocks, lambda k: names.get(k, k).replace(".to_qkv.", ".to_q."))
+    return out
+
+
+def to_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Our state dict -> a UNet2DModel state dict, which UNet2DModel(**export.diffusers_config(model_args)) loads with
+    strict=True. Exact inverse of `from_diffusers`; ValueError naming the first key that does not fit."""
+    levels, blocks = _levels_and_blocks(list(state_dict))
+    _check_fits(state_dict, levels, blocks)
+    names = _names(levels, blocks)
+    out = {}
+    for key, value in state_dict.items():
+        if _LINEAR.fullmatch(key):
+            value = value.reshape(value.shape[:2])
+        if ".qkv." in key:
+            for c, part in zip("qkv", value.chunk(3)):
+                out[names[key].replace(".to_qkv.", f".to_{c}.")] = part.clone()
+        else:
+            out[names[key]] = value
+    return out
 
 
 @contextmanager

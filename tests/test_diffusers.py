@@ -1,4 +1,4 @@
-"""The weight bridge to diffusers (unet.from_diffusers / to_diffusers, export.py, sample.py and evaluate.py
+"""The weight bridge to diffusers (export.from_diffusers / to_diffusers, export.py, sample.py and evaluate.py
 --diffusers): our UNet computes what diffusers' UNet2DModel computes in the layout of the paper's released model
 (google/ddpm-cifar10-32), built here with random weights (no network); the mappings are exact inverses; an exported
 run loads as a DDPMPipeline whose denoising step and sampler equal ours; a checkpoint written before the layout was
@@ -29,8 +29,8 @@ import sample  # noqa: E402
 import train  # noqa: E402
 import unet  # noqa: E402
 from helpers import link_datasets, one_error_line, run_cli, tiny_config, write_synthetic_cifar  # noqa: E402
-from export import diffusers_config, model_args_from_diffusers  # noqa: E402
-from unet import UNet, from_diffusers, to_diffusers  # noqa: E402
+from export import diffusers_config, from_diffusers, model_args_from_diffusers, to_diffusers  # noqa: E402
+from unet import UNet  # noqa: E402
 
 # google/ddpm-cifar10-32's config.json (the settings that differ from UNet2DModel's defaults).
 CIFAR10_32 = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
@@ -181,6 +181,15 @@ def test_round_trips_are_bitwise_identities(cfg: dict) -> None:
     again = from_diffusers(to_diffusers(ours))
     assert again.keys() == ours.keys()
     assert all(torch.equal(again[k], ours[k]) and again[k].dtype == ours[k].dtype for k in ours)
+
+
+def test_the_mapping_lives_in_export_and_unet_keeps_its_public_names() -> None:
+    """The bridge's one home is export.py; `unet.from_diffusers` / `unet.to_diffusers` (public since the bridge
+    was written) are the same functions, and unet.py itself holds none of diffusers' naming."""
+    assert unet.from_diffusers is export.from_diffusers and unet.to_diffusers is export.to_diffusers
+    assert "down_blocks" not in Path(unet.__file__).read_text()
+    with pytest.raises(AttributeError, match="no attribute 'from_pretrained'"):
+        unet.from_pretrained
 
 
 # ---------------------------------------------------------------- what does not fit, named
