@@ -22,6 +22,7 @@ import platform
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -313,98 +314,151 @@ def ratios(res: dict, fast: str) -> dict:
     return out
 
 
-def bench(args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class Setup:
+    """What `bench` measures with, from its flags and the device: the model, batches and rounds (--quick: a tiny
+    model, small batches, few rounds), and the settings of the fast rows."""
+    device: torch.device
+    quick: bool
+    model_args: dict
+    batch: int                 # training
+    warmup: int
+    rounds: int
+    sample_batch: int
+    sample_steps: int
+    precision: dict            # precision_info
+    channels_last: bool
+    compile_train: bool
+    compile_sample: bool
+    diffusers_skipped: str | None  # why diffusers' rows are left out; None: they run
+
+    @property
+    def have_diffusers(self) -> bool:
+        return self.diffusers_skipped is None
+
+    def fast(self, compile: bool) -> dict:
+        """The fast rows' settings: `our_train_step`'s, `fast_eps`'s and `label`'s keyword arguments."""
+        amp_dtype = torch.bfloat16 if self.precision["resolved"] == "bf16" else None
+        return dict(amp_dtype=amp_dtype, channels_last=self.channels_last, compile=compile)
+
+
+def bench_setup(args: argparse.Namespace) -> Setup:
+    """`main`'s flags resolved on the device they name: --quick's sizes, the precision, what to compile, and whether
+    diffusers is installed."""
     device = runtime.resolve_device(args.device)
     cuda = device.type == "cuda"
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
-    model_args = TINY if args.quick else PAPER
-    batch = args.batch or (8 if args.quick else PAPER_BATCH)
-    warmup, rounds = (1, 2) if args.quick else (args.warmup, args.rounds)
-    s_batch = args.sample_batch or (4 if args.quick else 256 if cuda else 8)
-    s_steps = args.sample_steps or (2 if args.quick else 1000 if cuda else 5)
     precision = precision_info(args.precision, device)
-    amp_dtype = torch.bfloat16 if precision["resolved"] == "bf16" else None
     compile_train, compile_sample = compile_settings(args.compile, device, precision["resolved"], args.quick)
-    channels_last = runtime.use_channels_last("auto", device, precision["resolved"])  # train.py's and sample.py's
     try:
         import diffusers  # noqa: F401
-        have_diffusers, skipped = True, None
+        skipped = None
     except ImportError:
-        have_diffusers, skipped = False, "diffusers is not installed (pip install -r requirements-bench.txt)"
-    out: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
-                 "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({versions()['cpu']})",
-                 "device_type": device.type, "threads": torch.get_num_threads(), "versions": versions(),
-                 "precision": precision,
-                 "model": {k: list(v) if isinstance(v, tuple) else v for k, v in model_args.items()},
-                 "diffusers_skipped": skipped}
-    log(f"precision {args.precision} -> {precision['resolved']} ({precision['capability']})")
+        skipped = "diffusers is not installed (pip install -r requirements-bench.txt)"
+    quick = args.quick
+    warmup, rounds = (1, 2) if quick else (args.warmup, args.rounds)
+    return Setup(device=device, quick=quick, model_args=TINY if quick else PAPER,
+                 batch=args.batch or (8 if quick else PAPER_BATCH), warmup=warmup, rounds=rounds,
+                 sample_batch=args.sample_batch or (4 if quick else 256 if cuda else 8),
+                 sample_steps=args.sample_steps or (2 if quick else 1000 if cuda else 5), precision=precision,
+                 channels_last=runtime.use_channels_last("auto", device, precision["resolved"]),  # as train.py's
+                 compile_train=compile_train, compile_sample=compile_sample, diffusers_skipped=skipped)
 
-    ours = sum(p.numel() for p in UNet(**model_args).parameters())
-    theirs = None
-    if have_diffusers:
-        from diffusers import UNet2DModel
-        theirs = sum(p.numel() for p in UNet2DModel(**diffusers_config(model_args)).parameters())
-    out["params"] = {"ours": ours, "diffusers": theirs}
-    log(f"parameters: ours {ours:,}, diffusers {theirs if theirs is None else f'{theirs:,}'}")
 
-    # Training: ours at the fast settings, diffusers' at the same, and both in fp32 eager (when that differs).
-    settings = dict(amp_dtype=amp_dtype, channels_last=channels_last, compile=compile_train)
-    steps = variants(lambda **kw: our_train_step(model_args, device, batch, **kw), settings, have_diffusers,
-                     lambda **kw: diffusers_train_step(model_args, device, batch, **kw))
-    log(f"training: {', '.join(steps)} at batch {batch}, {warmup} warm-up + {rounds} interleaved steps each")
-    res = race(steps, warmup, rounds, device)
-    for name, r in res.items():
-        r["images_per_s"] = batch / r["median_s"]
-        r["compile_s"] = r["warmup_s"][0] - r["median_s"] if "compile" in name else None  # first call - steady
-    fast = f"ours {label(**settings)}"
-    img_s = res[fast]["images_per_s"]
-    out["train"] = {"batch": batch, "warmup": warmup, "rounds": rounds, "variants": res, "fast": fast,
-                    **ratios(res, fast)}
-    del steps
-
-    flops, fwd_flops = train_flops_per_image(model_args, device)
-    peak, source = peak_flops(device, torch.get_num_threads())
-    out["flops"] = {"train_per_image": flops, "forward_per_image": fwd_flops, "peak_bf16": peak, "peak_source": source,
-                    "mfu": flops * img_s / peak if peak else None,
-                    "mfu_note": "training FLOPs/image (FlopCounterMode, fwd+bwd) x images/s of the fast step / peak"}
-    out["extrapolated_100_epochs"] = {
-        "minutes": EPOCH_100_STEPS * PAPER_BATCH / img_s / 60,
-        "basis": f"EXTRAPOLATED: {EPOCH_100_STEPS} steps x {PAPER_BATCH} images at the {img_s:.2f} images/s "
-                 f"measured for '{fast}' at batch {batch}" + ("" if args.quick else "; model as in the paper")}
-
-    # Sampling: image-steps/s of both loops, and the time for 256 images x 1000 steps (measured at CUDA's defaults,
-    # else extrapolated).
-    s_settings = dict(amp_dtype=amp_dtype, channels_last=channels_last, compile=compile_sample)
-
-    def ours_sampler(**kw):
-        torch.manual_seed(0)
-        return our_sampler(UNet(**model_args), device, s_batch, s_steps, **kw)
-    samplers = variants(ours_sampler, s_settings, have_diffusers,
-                        lambda **kw: diffusers_sampler(model_args, device, s_batch, s_steps, **kw))
-    log(f"sampling: {', '.join(samplers)}, batch {s_batch} x {s_steps} steps")
-    sres = race(samplers, warmup, rounds, device)
-    for name, r in sres.items():
-        r["compile_s"] = r["warmup_s"][0] - r["median_s"] if "compile" in name else None
-        r["image_steps_per_s"] = s_batch * s_steps / r["median_s"]
-        r["seconds_256x1000"] = 256 * 1000 / r["image_steps_per_s"]
-    s_fast = f"ours {label(**s_settings)}"
-    full = s_batch == 256 and s_steps == 1000
-    out["sample"] = {"batch": s_batch, "steps": s_steps, "variants": sres, "fast": s_fast,
-                     "basis": "measured: 256 images x 1000 steps" if full else
-                     f"EXTRAPOLATED to 256 x 1000 from image-steps/s measured at batch {s_batch} x {s_steps} steps",
-                     **ratios(sres, s_fast)}
-    del samplers
-
-    n_images = 2048 if args.quick else 50_000
-    rate = data_rate(device, PAPER_BATCH, n_images)
-    out["data"] = {"batch": PAPER_BATCH, "images": n_images, "images_per_s": rate, "train_images_per_s": img_s,
-                   "headroom": rate / img_s}
-    out["memory"] = peak_memory(device)
+def bench(args: argparse.Namespace) -> dict:
+    """Every measurement `main` prints and writes to --out: the set-up, the training step and the sampler (ours
+    against diffusers'), the data loader, the peak memory and the machine's load before and after."""
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    s = bench_setup(args)
+    out = describe(s)
+    out.update(bench_training(s))
+    out["sample"] = bench_sampling(s)
+    out["data"] = bench_data(s, out["train"]["variants"][out["train"]["fast"]]["images_per_s"])
+    out["memory"] = peak_memory(s.device)
     out["load"] = {"before": list(load_before), "after": list(os.getloadavg()),
                    "note": "os.getloadavg() (1, 5, 15 min) before and after the run; above the thread count, other "
                            "work shared the cores"}
     return out
+
+
+def describe(s: Setup) -> dict:
+    """The result's head: when, on what, in which precision, which model, and both models' parameter counts."""
+    cuda = s.device.type == "cuda"
+    out: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": s.quick,
+                 "device": torch.cuda.get_device_name(s.device) if cuda else f"cpu ({versions()['cpu']})",
+                 "device_type": s.device.type, "threads": torch.get_num_threads(), "versions": versions(),
+                 "precision": s.precision,
+                 "model": {k: list(v) if isinstance(v, tuple) else v for k, v in s.model_args.items()},
+                 "diffusers_skipped": s.diffusers_skipped}
+    log(f"precision {s.precision['requested']} -> {s.precision['resolved']} ({s.precision['capability']})")
+    ours = sum(p.numel() for p in UNet(**s.model_args).parameters())
+    theirs = None
+    if s.have_diffusers:
+        from diffusers import UNet2DModel
+        theirs = sum(p.numel() for p in UNet2DModel(**diffusers_config(s.model_args)).parameters())
+    out["params"] = {"ours": ours, "diffusers": theirs}
+    log(f"parameters: ours {ours:,}, diffusers {theirs if theirs is None else f'{theirs:,}'}")
+    return out
+
+
+def bench_training(s: Setup) -> dict:
+    """The training step: ours at the fast settings, diffusers' at the same, and both in fp32 eager (when that
+    differs); the FLOPs and MFU of our fast step, and 100 epochs extrapolated from it."""
+    settings = s.fast(s.compile_train)
+    steps = variants(lambda **kw: our_train_step(s.model_args, s.device, s.batch, **kw), settings, s.have_diffusers,
+                     lambda **kw: diffusers_train_step(s.model_args, s.device, s.batch, **kw))
+    log(f"training: {', '.join(steps)} at batch {s.batch}, {s.warmup} warm-up + {s.rounds} interleaved steps each")
+    res = race(steps, s.warmup, s.rounds, s.device)
+    del steps
+    for name, r in res.items():
+        r["images_per_s"] = s.batch / r["median_s"]
+        r["compile_s"] = r["warmup_s"][0] - r["median_s"] if "compile" in name else None  # first call - steady
+    fast = f"ours {label(**settings)}"
+    img_s = res[fast]["images_per_s"]
+    flops, fwd_flops = train_flops_per_image(s.model_args, s.device)
+    peak, source = peak_flops(s.device, torch.get_num_threads())
+    return {"train": {"batch": s.batch, "warmup": s.warmup, "rounds": s.rounds, "variants": res, "fast": fast,
+                      **ratios(res, fast)},
+            "flops": {"train_per_image": flops, "forward_per_image": fwd_flops, "peak_bf16": peak,
+                      "peak_source": source, "mfu": flops * img_s / peak if peak else None,
+                      "mfu_note": "training FLOPs/image (FlopCounterMode, fwd+bwd) x images/s of the fast step / peak"},
+            "extrapolated_100_epochs": {
+                "minutes": EPOCH_100_STEPS * PAPER_BATCH / img_s / 60,
+                "basis": f"EXTRAPOLATED: {EPOCH_100_STEPS} steps x {PAPER_BATCH} images at the {img_s:.2f} images/s "
+                         f"measured for '{fast}' at batch {s.batch}" + ("" if s.quick else "; model as in the paper")}}
+
+
+def bench_sampling(s: Setup) -> dict:
+    """The sampler: image-steps/s of both loops, and the time for 256 images x 1000 steps (measured at CUDA's
+    defaults, else extrapolated)."""
+    settings = s.fast(s.compile_sample)
+
+    def ours(**kw):
+        torch.manual_seed(0)
+        return our_sampler(UNet(**s.model_args), s.device, s.sample_batch, s.sample_steps, **kw)
+    samplers = variants(ours, settings, s.have_diffusers,
+                        lambda **kw: diffusers_sampler(s.model_args, s.device, s.sample_batch, s.sample_steps, **kw))
+    log(f"sampling: {', '.join(samplers)}, batch {s.sample_batch} x {s.sample_steps} steps")
+    res = race(samplers, s.warmup, s.rounds, s.device)
+    del samplers
+    for name, r in res.items():
+        r["compile_s"] = r["warmup_s"][0] - r["median_s"] if "compile" in name else None
+        r["image_steps_per_s"] = s.sample_batch * s.sample_steps / r["median_s"]
+        r["seconds_256x1000"] = 256 * 1000 / r["image_steps_per_s"]
+    fast = f"ours {label(**settings)}"
+    full = s.sample_batch == 256 and s.sample_steps == 1000
+    return {"batch": s.sample_batch, "steps": s.sample_steps, "variants": res, "fast": fast,
+            "basis": "measured: 256 images x 1000 steps" if full else
+            f"EXTRAPOLATED to 256 x 1000 from image-steps/s measured at batch {s.sample_batch} x {s.sample_steps} "
+            f"steps", **ratios(res, fast)}
+
+
+def bench_data(s: Setup, train_images_per_s: float) -> dict:
+    """data.BatchIterator's rate at the paper's batch, and its headroom over what the fast training step consumes."""
+    n_images = 2048 if s.quick else 50_000
+    rate = data_rate(s.device, PAPER_BATCH, n_images)
+    return {"batch": PAPER_BATCH, "images": n_images, "images_per_s": rate, "train_images_per_s": train_images_per_s,
+            "headroom": rate / train_images_per_s}
 
 
 def log(msg: str) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
 
 FORMAT = 1  # bump when the checkpoint layout changes
 # What every reader needs (sample.py, evaluate.py, export.py): the weights and what rebuilds the model. A resume
@@ -139,20 +138,3 @@ def model_from_checkpoint(state: dict, *, ema: bool = True, device: str | torch.
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not fit its model_args: {str(e).splitlines()[0]}") from None
     return model.to(device).eval().requires_grad_(False)
-
-
-def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:
-    """uint8 (N, C, H, W) -> one uint8 (H', W', 3) grid with a 2-pixel border, for PNG files and wandb."""
-    assert images.dtype == torch.uint8 and images.ndim == 4, (images.dtype, images.shape)
-    from torchvision.utils import make_grid
-    nrow = nrow or max(1, int(len(images) ** 0.5))
-    grid = make_grid(images.cpu(), nrow=nrow, padding=2)  # grayscale becomes 3 channels here
-    return grid.permute(1, 2, 0).contiguous()
-
-
-def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> None:
-    """Write uint8 images (N, C, H, W) as a PNG grid, atomically."""
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(image_grid(images, nrow).numpy()).save(buf, format="PNG")
-    atomic_write(path, buf.getvalue())

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from ddpm import SAMPLERS, SPACINGS, VARIANCES
+from ddpm import SAMPLERS, SPACINGS, VARIANCES, Sampling
 
 
 GROUPS = 32
@@ -126,16 +126,26 @@ class Train:
     checkpoint_every: int = field(default=5000, metadata=_check(lambda v: v >= 1, ">= 1"))
 
 
+_SAMPLING = Sampling()  # the sampler's defaults: ddpm.sample's
+
+
 @dataclass(frozen=True)
 class Sample:
+    """The training grids (`every_epochs`, `num_images`) and the sampler they and FID during training use: the
+    other keys, ddpm.Sampling's (`sampling`)."""
     every_epochs: int = field(default=10, metadata=_check(lambda v: v >= 0, ">= 0 (0: never)"))
     num_images: int = field(default=64, metadata=_check(lambda v: 1 <= v <= 100_000, "in [1, 100000]"))
-    steps: int | None = field(default=None, metadata=_check(lambda v: v is None or v >= 1, ">= 1 or null"))
-    sampler: str = field(default="ddpm", metadata=_choices(*SAMPLERS))
-    eta: float = field(default=0.0, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
-    spacing: str = field(default="uniform", metadata=_choices(*SPACINGS))
-    variance: str = field(default="auto", metadata=_choices(*VARIANCES))
-    clip: bool = True
+    steps: int | None = field(default=_SAMPLING.steps, metadata=_check(lambda v: v is None or v >= 1, ">= 1 or null"))
+    sampler: str = field(default=_SAMPLING.sampler, metadata=_choices(*SAMPLERS))
+    eta: float = field(default=_SAMPLING.eta, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    spacing: str = field(default=_SAMPLING.spacing, metadata=_choices(*SPACINGS))
+    variance: str = field(default=_SAMPLING.variance, metadata=_choices(*VARIANCES))
+    clip: bool = _SAMPLING.clip
+
+    @property
+    def sampling(self) -> Sampling:
+        """The sampler settings, whole, as sample.generate and ddpm.sample take them."""
+        return Sampling(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Sampling)})
 
 
 @dataclass(frozen=True)
@@ -255,10 +265,7 @@ def _cross_checks(cfg: Config) -> None:
     d, s = cfg.diffusion, cfg.sample
     if d.beta_start > d.beta_end:  # make_schedule checks this for every kind
         raise ConfigError(f"diffusion.beta_start: {d.beta_start} is larger than diffusion.beta_end {d.beta_end}")
-    if s.steps is not None and s.steps > d.num_timesteps:
-        raise ConfigError(f"sample.steps: {s.steps} is more than diffusion.num_timesteps {d.num_timesteps}")
-    if s.sampler != "ddim" and s.eta != 0:
-        raise ConfigError(f"sample.eta: {s.eta} applies to sample.sampler ddim only ({s.sampler} has no eta)")
+    _check_sampler(s, "sample.", d.num_timesteps, "diffusion.num_timesteps")
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"train.min_lr: {cfg.train.min_lr} is larger than train.lr {cfg.train.lr}")
     if cfg.eval.features == "fashion-mnist" and cfg.data.dataset != "fashion-mnist":
@@ -268,6 +275,23 @@ def _cross_checks(cfg: Config) -> None:
         check_unet_args(cfg.model.channels, cfg.model.channel_mult, cfg.model.attn_resolutions, image_size=32)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+
+
+def _check_sampler(s: Sample, prefix: str, num_timesteps: int, timesteps_key: str) -> None:
+    """The checks on the sampler settings that involve another setting; keys are `prefix` + field name."""
+    if s.steps is not None and s.steps > num_timesteps:
+        raise ConfigError(f"{prefix}steps: {s.steps} is more than {timesteps_key} {num_timesteps}")
+    if s.sampler != "ddim" and s.eta != 0:
+        raise ConfigError(f"{prefix}eta: {s.eta} applies to {prefix}sampler ddim only ({s.sampler} has no eta)")
+
+
+def sampling_from_flags(values: dict[str, Any], num_timesteps: int) -> Sampling:
+    """The sampler settings a command line gives (`values` by field name: --steps, --sampler, --eta, --spacing,
+    --variance, --clip), checked as sample.* are in a config, for a model of `num_timesteps`: one check, one wording,
+    a ConfigError that names the flag."""
+    s = _build(Sample, values, "--")
+    _check_sampler(s, "--", num_timesteps, "the model's num_timesteps")
+    return s.sampling
 
 
 class _NoAliasLoader(yaml.SafeLoader):

@@ -6,7 +6,6 @@ Fashion-MNIST from its IDX files, zero-padded to 32x32. `BatchIterator` serves r
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
@@ -27,10 +26,10 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 import config
 from ddpm import from_uint8
+from runtime import progress_bar
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -119,20 +118,6 @@ class _Unpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}") from None
 
 
-@contextlib.contextmanager
-def _bar(**kwargs) -> Iterator[tqdm]:
-    """A tqdm bar that stays on screen when it completes but is erased when an error ends it, so the error line
-    that follows is the only line left."""
-    bar = tqdm(**kwargs)
-    try:
-        yield bar
-    except BaseException:
-        bar.leave = False
-        raise
-    finally:
-        bar.close()
-
-
 def _read_batch(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch -> uint8 images (n, 3, 32, 32) and labels (n,). Each row of b'data' is R, G, B planes,
     each 32x32 row-major; b'labels' is a list of class indices 0-9."""
@@ -156,8 +141,8 @@ def _read_cifar(archive: Path, progress: bool) -> dict[str, np.ndarray]:
     wanted = {m for members in CIFAR_MEMBERS.values() for m in members}
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
-        with tarfile.open(archive, "r:gz") as tar, _bar(total=len(wanted), desc=f"reading {archive.name}",
-                                                        unit="batch", disable=not progress) as bar:
+        with tarfile.open(archive, "r:gz") as tar, progress_bar(
+                total=len(wanted), desc=f"reading {archive.name}", unit="batch", disable=not progress) as bar:
             for member in tar:  # one pass over the stream
                 name = PurePosixPath(member.name)
                 if name.is_absolute() or ".." in name.parts:
@@ -229,7 +214,8 @@ def _read_fmnist(files: dict[str, Path], progress: bool) -> dict[str, np.ndarray
     """-> {"train": (60000, 1, 32, 32), "test": (10000, 1, 32, 32)} uint8: 28x28 images, 2 zero pixels each side;
     and {"train_labels", "test_labels"}: uint8 class indices 0-9."""
     out = {}
-    with _bar(total=len(FMNIST_FILES), desc="reading fashion-mnist", unit="split", disable=not progress) as bar:
+    with progress_bar(total=len(FMNIST_FILES), desc="reading fashion-mnist", unit="split",
+                      disable=not progress) as bar:
         for split, (images, labels) in FMNIST_FILES.items():
             x = _read_idx(files[images], 2051)
             y = _read_idx(files[labels], 2049)

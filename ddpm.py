@@ -6,7 +6,7 @@ Timesteps are 0-indexed: `t` in [0, T), where t = 0 is the paper's t = 1. Random
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 from typing import Callable
 
@@ -316,25 +316,42 @@ def resolve_variance(variance: str, steps: int | None, num_timesteps: int) -> st
     return "beta" if steps is None or steps >= num_timesteps else "posterior"
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How `sample` runs the reverse process; the defaults are config.yaml's sample.* defaults (config.Sample makes
+    one from its section, sample.py from its flags). `steps`: None is all T, fewer respaces the schedule to
+    `spaced_timesteps(T, steps, spacing)`; `sampler`: "ddpm" (Algorithm 2, σ² from `resolve_variance`), "ddim"
+    (`ddim_step` with `eta`) or "dpm++2m" (`dpmpp_2m_step`); `eta` applies to DDIM only and `variance` to ancestral
+    sampling only; `clip` clamps the predicted x_0 to [-1, 1]. `sampler` and `eta` are checked when made, the
+    others where they are used (`spaced_timesteps`, `resolve_variance`)."""
+    steps: int | None = None
+    sampler: str = "ddpm"
+    eta: float = 0.0
+    spacing: str = "uniform"
+    variance: str = "auto"
+    clip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got sampler={self.sampler!r}")
+        _check_eta(self.eta)
+        if self.sampler != "ddim" and self.eta != 0:
+            raise ValueError(f"eta applies to sampler 'ddim' only, got eta={self.eta!r} with sampler {self.sampler!r}")
+
+
 @torch.no_grad()
-def sample(schedule: Schedule, model: Model, shape: tuple[int, ...], *, steps: int | None = None,
-           variance: str = "auto", clip: bool = True, generator: torch.Generator | None = None,
-           device: torch.device | str | None = None, progress: bool = False, sampler: str = "ddpm",
-           eta: float = 0.0, spacing: str = "uniform") -> Tensor:
-    """Images in [-1, 1] on `device` (default: the schedule's) from x_T ~ N(0, I), by ancestral sampling
-    (sampler "ddpm": Algorithm 2, σ² from `resolve_variance`), DDIM (sampler "ddim": `ddim_step` with `eta`) or
-    DPM-Solver++(2M) (sampler "dpm++2m": `dpmpp_2m_step`, deterministic). With `steps` < T they run on the schedule
-    respaced to `spaced_timesteps(T, steps, spacing)` (`respace`); the model still receives the original timestep
-    indices. `eta` applies to DDIM only and `variance` to ancestral sampling only; the defaults are config.yaml's
-    sample.* defaults. DDIM with η = 0 and DPM-Solver++(2M) draw nothing after x_T."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got sampler={sampler!r}")
-    _check_eta(eta)
-    if sampler != "ddim" and eta != 0:
-        raise ValueError(f"eta applies to sampler 'ddim' only, got eta={eta!r} with sampler {sampler!r}")
+def sample(schedule: Schedule, model: Model, shape: tuple[int, ...], settings: Sampling = Sampling(), *,
+           generator: torch.Generator | None = None, device: torch.device | str | None = None,
+           progress: bool = False, **overrides) -> Tensor:
+    """Images in [-1, 1] on `device` (default: the schedule's) from x_T ~ N(0, I), drawn as `settings` says, with
+    any of its fields replaced by `overrides` (`sample(..., sampler="ddim", steps=50)`). On a respaced schedule the
+    model still receives the original timestep indices. DDIM with η = 0 and DPM-Solver++(2M) draw nothing after
+    x_T."""
+    s = replace(settings, **overrides)
+    steps, sampler, eta, clip = s.steps, s.sampler, s.eta, s.clip
     device = torch.device(device) if device is not None else schedule.device
-    variance = resolve_variance(variance, steps, schedule.num_timesteps)
-    sched, taus = respace(schedule.to(device), steps if steps is not None else schedule.num_timesteps, spacing)
+    variance = resolve_variance(s.variance, steps, schedule.num_timesteps)
+    sched, taus = respace(schedule.to(device), steps if steps is not None else schedule.num_timesteps, s.spacing)
     x = _randn(shape, generator, device)
     x0 = None  # DPM-Solver++(2M)'s previous data prediction: the one state a step hands to the next
     indices = range(len(taus) - 1, -1, -1)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -111,7 +112,7 @@ def inception_score(logits: np.ndarray, splits: int = IS_SPLITS) -> tuple[float,
     return float(np.mean(scores)), float(np.std(scores))
 
 
-# ---------------------------------------------------------------- features
+# ---------------------------------------------------------------- feature networks
 
 def to_rgb(images: Tensor) -> Tensor:
     """uint8 (N, C, H, W) with C = 3, or C = 1 repeated to 3 (Inception takes RGB)."""
@@ -181,7 +182,19 @@ def inception_extractor(device: torch.device | str = "cpu") -> InceptionExtracto
     return InceptionExtractor(net, torch.device(device))
 
 
-# ---------------------------------------------------------------- reference statistics
+def feature_extractor(features: str, device: torch.device, stats_cache: str | Path, progress: bool) -> Extractor:
+    """The network that `features` names: "fashion-mnist", the project's classifier (features.py, trained once and
+    cached in `stats_cache`), else the FID Inception. What is missing is an EvalError."""
+    if features != "fashion-mnist":
+        return inception_extractor(device)
+    from features import FeatureError, fashion_mnist_extractor
+    try:
+        return fashion_mnist_extractor(Path("data") / "fashion-mnist", stats_cache, progress=progress)
+    except FeatureError as e:
+        raise EvalError(str(e)) from None
+
+
+# ---------------------------------------------------------------- reference images and their statistics
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
@@ -191,7 +204,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise EvalError(f"{path}: cannot read ({type(e).__name__}: {str(e)[:120]})") from None
 
 
-def load_images(path: str | Path) -> Tensor:
+def read_images(path: str | Path) -> Tensor:
     """uint8 (N, C, H, W) from a .npy dataset file (data.py's train.npy, NCHW), an .npz of NHWC images
     (key arr_0, as the openai/TTUR sample files) or a folder of PNG files."""
     path = Path(path)
@@ -239,7 +252,7 @@ def reference_stats(ref: str | Path, extractor: Extractor, *, cache_dir: str | P
         z = _read_npz(ref)
         if "mu" in z and "sigma" in z:
             return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
-    images = load_images(ref)
+    images = read_images(ref)
     digest = hashlib.sha256(repr(tuple(images.shape)).encode())
     digest.update(images.contiguous().numpy())
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", extractor.name)
@@ -256,7 +269,7 @@ def reference_stats(ref: str | Path, extractor: Extractor, *, cache_dir: str | P
     return mu, sigma
 
 
-# ---------------------------------------------------------------- samples in shards
+# ---------------------------------------------------------------- samples in shards, resumable
 
 def weights_digest(state_dict: dict[str, Tensor]) -> str:
     """sha256 of a state dict's names and bytes: which weights made a shard folder."""
@@ -298,34 +311,6 @@ def _read_shard(path: Path, shape: tuple[int, ...]) -> Tensor | None:
     return torch.from_numpy(x) if x.dtype == np.uint8 and x.shape == shape else None
 
 
-def sample_shards(model: torch.nn.Module, schedule, folder: Path, identity: dict, *, num_samples: int,
-                  batch_size: int, steps: int, variance: str, seed: int, device: torch.device,
-                  progress: bool = False, generate: Callable[..., Tensor] = sample.generate, sampler: str = "ddpm",
-                  eta: float = 0.0, spacing: str = "uniform", precision: str = "fp32", clip: bool = True) -> Tensor:
-    """The first `num_samples` images, uint8 (N, C, H, W), of shards of `batch_size` images in `folder`,
-    generating only the missing ones. Shard k is one batch with generator seed `seed * SEED_STRIDE + k`, so the
-    shards equal `generate(model, schedule, k * batch_size, batch_size=batch_size, seed=seed * SEED_STRIDE)`
-    however often the run stopped, and a smaller --num-samples evaluates a prefix of a larger one."""
-    from tqdm.auto import tqdm
-    _claim(folder, identity)
-    shape = (batch_size, model.in_channels, model.image_size, model.image_size)
-    out = []
-    with tqdm(total=num_samples, desc="samples", unit="img", disable=not progress) as bar:
-        for k in range(-(-num_samples // batch_size)):
-            path = folder / f"shard_{k:05d}.npy"
-            x = _read_shard(path, shape)
-            if x is None:
-                x = generate(model, schedule, batch_size, batch_size=batch_size, steps=steps, variance=variance,
-                             clip=clip, seed=seed * SEED_STRIDE + k, device=device, progress=progress,
-                             sampler=sampler, eta=eta, spacing=spacing, precision=precision)
-                atomic_save(path, np.save, x.numpy())
-            out.append(x)
-            bar.update(min(batch_size, num_samples - k * batch_size))
-    return torch.cat(out)[:num_samples]
-
-
-# ---------------------------------------------------------------- the evaluation
-
 SETTINGS = ("steps", "seed", "sampler", "eta", "spacing", "variance", "precision", "clip")  # samples_folder's
 
 
@@ -339,14 +324,176 @@ def samples_folder(steps: int, seed: int, sampler: str, eta: float, spacing: str
         + ("" if precision == "fp32" else f"_{precision}") + ("" if clip else "_noclip")
 
 
-def record_path(out_dir: str | Path, result: dict) -> Path:
-    """Where an evaluation's result goes, beside its shards: `<out_dir>/eval/<shard folder>_n<num_samples>_<features>
-    .json`, plus `_ref-<name>` for a --ref other than the default. Every setting that changes the score is in the
-    name, so no evaluation overwrites another's record; it is made from the result alone, so a record names itself."""
-    ref = Path(result["ref"])
-    ref_tag = "" if ref == default_ref(result["dataset"], result["features"]) else f"_ref-{_label(ref)}"
-    folder = samples_folder(**{k: result[k] for k in SETTINGS})
-    return Path(out_dir) / "eval" / f"{folder}_n{result['num_samples']}_{result['features']}{ref_tag}.json"
+def sample_shards(source: Source, plan: Plan, *, generate: Callable[..., Tensor] = sample.generate,
+                  progress: bool = False) -> Tensor:
+    """The first `plan.num_samples` images, uint8 (N, C, H, W), of shards of `plan.batch_size` images in the folder
+    of `source.out_dir`/eval/ that `samples_folder` names, generating only the missing ones. Shard k is one batch
+    with generator seed `plan.seed * SEED_STRIDE + k`, so the shards equal `generate(model, schedule, k * batch_size,
+    plan.sampling, batch_size=batch_size, seed=plan.seed * SEED_STRIDE)` however often the run stopped, and a
+    smaller --num-samples evaluates a prefix of a larger one."""
+    from tqdm.auto import tqdm
+    model, n, b = source.model.to(plan.device), plan.num_samples, plan.batch_size
+    folder = source.out_dir / "eval" / samples_folder(**plan.settings)
+    _claim(folder, shard_identity(source, plan))
+    shape = (b, model.in_channels, model.image_size, model.image_size)
+    inference = sample.Inference(plan.device, plan.precision, progress=progress)
+    out = []
+    with tqdm(total=n, desc="samples", unit="img", disable=not progress) as bar:
+        for k in range(-(-n // b)):
+            path = folder / f"shard_{k:05d}.npy"
+            x = _read_shard(path, shape)
+            if x is None:
+                x = generate(model, source.schedule, b, settings=plan.sampling, batch_size=b,
+                             seed=plan.seed * SEED_STRIDE + k, inference=inference)
+                atomic_save(path, np.save, x.numpy())
+            out.append(x)
+            bar.update(min(b, n - k * b))
+    return torch.cat(out)[:n]
+
+
+def shard_identity(source: Source, plan: Plan) -> dict:
+    """What a shard folder's meta.json says its shards are (`_claim`): which weights sampled them, how they are
+    seeded and cut, and every setting they depend on."""
+    model = source.model
+    return {"checkpoint_step": source.step, "ema_sha256": weights_digest(source.weights), "seed_stride": SEED_STRIDE,
+            "batch_size": plan.batch_size, "image_shape": [model.in_channels, model.image_size, model.image_size],
+            **{k: v for k, v in plan.settings.items() if (k, v) != ("precision", "fp32")}}  # fp32: as before bf16
+
+
+# ---------------------------------------------------------------- an evaluation: its settings, model, plan and record
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` measures, as evaluate.py's flags name it (their defaults, but for the paper's variance beta).
+    `steps` to `clip` are ddpm.Sampling's fields as add_sampler_arguments gives them (`clip` None: the checkpoint's
+    sample.clip); `precision` auto is bf16 where it is native; `ref` None is the default reference (`default_ref`)."""
+    num_samples: int = PAPER["num_samples"]
+    steps: int | None = None
+    sampler: str = PAPER["sampler"]
+    eta: float = 0.0
+    spacing: str = "uniform"
+    variance: str = PAPER["variance"]
+    clip: bool | None = None
+    seed: int = 0
+    batch_size: int = 256  # for sampling and features, and the shard size
+    precision: str = "fp32"
+    features: str = "inception"
+    ref: str | Path | None = None
+    stats_cache: str | Path = "data/fid_stats"
+    device: str | torch.device = "auto"
+
+
+@dataclass(frozen=True)
+class Source:
+    """The model an evaluation samples (on the CPU until it samples): a checkpoint's EMA weights or a diffusers
+    model, its schedule, and where its results go."""
+    name: str                     # the checkpoint's path, or the diffusers folder or hub id
+    model: torch.nn.Module
+    schedule: ddpm.Schedule
+    state: dict | None            # the checkpoint; None for a diffusers model
+    weights: dict[str, Tensor]    # the state dict that names the shards (`weights_digest`)
+    dataset: str
+    out_dir: Path                 # `results_dir`
+
+    @property
+    def step(self) -> int | None:
+        return None if self.state is None else self.state["step"]
+
+
+def load_source(checkpoint_path: str | Path | None, diffusers: str | None, ref: str | Path | None) -> Source:
+    """The checkpoint's EMA model, or with `diffusers` (a folder or hub id) that model, taken for CIFAR-10's as its
+    3x32x32 images suggest: other images need a `ref`."""
+    if diffusers is None:
+        state = load_checkpoint(checkpoint_path, advice="(is it a checkpoint.pt written by train.py?)")
+        return Source(str(checkpoint_path), model_from_checkpoint(state, ema=True),
+                      sample.schedule_from_config(state["config"]), state, state["ema"],
+                      state["config"]["data"]["dataset"], results_dir(checkpoint_path))
+    from export import load_diffusers
+    model, schedule = load_diffusers(diffusers)
+    if ref is None and (model.in_channels, model.image_size) != (3, 32):
+        raise EvalError(f"{diffusers}: its {model.in_channels}x{model.image_size}x{model.image_size} images are "
+                        f"not CIFAR-10's: pass --ref")
+    return Source(diffusers, model, schedule, None, model.state_dict(), "cifar10", results_dir(None, diffusers))
+
+
+def results_dir(checkpoint_path: str | Path | None, diffusers: str | None = None) -> Path:
+    """Where eval/ (shards and records) goes: beside the checkpoint; in a diffusers model's folder, or for a hub id in
+    runs/diffusers/<owner>--<name>."""
+    if diffusers is None:
+        return Path(checkpoint_path).parent
+    return Path(diffusers) if Path(diffusers).is_dir() else Path("runs/diffusers") / diffusers.replace("/", "--")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An evaluation checked against its model and resolved (`plan_evaluation`): the samples it draws and how it
+    scores them."""
+    sampling: ddpm.Sampling  # steps, variance and spacing resolved, as the samples depend on them
+    num_samples: int
+    batch_size: int
+    seed: int
+    precision: str           # fp32 or bf16
+    device: torch.device
+    features: str            # inception or fashion-mnist
+    ref: Path
+
+    @property
+    def settings(self) -> dict:
+        """The settings that name the samples (`SETTINGS`); the variance only where it applies, to ancestral
+        sampling."""
+        s = self.sampling
+        return {"steps": s.steps, "seed": self.seed, "sampler": s.sampler, "eta": s.eta, "spacing": s.spacing,
+                "variance": s.variance if s.sampler == "ddpm" else None, "precision": self.precision, "clip": s.clip}
+
+
+def plan_evaluation(e: Evaluation, source: Source) -> Plan:
+    """`e` checked against the model (a bad setting is a ValueError that names its flag, a missing reference an
+    EvalError) and resolved: all T steps by default, the variance that auto stands for, the one spacing of all T
+    steps, the device and the precision, the reference."""
+    T = source.schedule.num_timesteps
+    s = sample.sampler_settings(vars(e), source.state, T)
+    if e.num_samples < IS_SPLITS or e.batch_size < 1:
+        raise ValueError(f"--num-samples must be >= {IS_SPLITS} (the IS splits) and --batch-size >= 1")
+    if not 0 <= e.seed < MAX_SEED:
+        raise ValueError(f"--seed must be in [0, 2**40), got {e.seed}")
+    steps = T if s.steps is None else s.steps
+    s = dataclasses.replace(s, steps=steps, variance=ddpm.resolve_variance(s.variance, steps, T),
+                            spacing=s.spacing if steps < T else "uniform")
+    try:
+        device = runtime.resolve_device(e.device)
+    except ValueError as err:
+        raise ValueError(f"--device {err}") from None
+    if e.precision not in runtime.SAMPLING_PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(runtime.SAMPLING_PRECISIONS)}, got {e.precision!r}")
+    if e.features not in ("inception", "fashion-mnist"):
+        raise ValueError(f"--features must be inception or fashion-mnist, got {e.features!r}")
+    if e.features == "fashion-mnist" and source.dataset != "fashion-mnist":
+        raise EvalError(f"--features fashion-mnist scores Fashion-MNIST samples; {source.name} was trained on "
+                        f"{source.dataset}")
+    ref = default_ref(source.dataset, e.features) if e.ref is None else Path(e.ref)
+    if not ref.exists():
+        raise EvalError(f"{ref}: reference not found" + ("" if ref.suffix != ".npy" else
+                        f"; run `python data.py --config config.yaml data.dataset={source.dataset}` first, or pass "
+                        f"--ref"))
+    return Plan(s, e.num_samples, e.batch_size, e.seed, runtime.resolve_precision(e.precision, device), device,
+                e.features, ref)
+
+
+def score_samples(images: Tensor, plan: Plan, ref_stats: tuple[np.ndarray, np.ndarray], extractor: Extractor,
+                  dataset: str, progress: bool) -> dict:
+    """FID and IS of the samples; with the Fashion-MNIST classifier's features, the class coverage instead of the
+    IS and the real-data floor: the same scores for as many real training images, what a perfect model would get."""
+    classes = plan.features == "fashion-mnist"
+    scores = image_scores(images, ref_stats, extractor, batch_size=plan.batch_size, progress=progress,
+                          classes=classes)
+    if classes:
+        from features import METRIC
+        real = read_images(Path("data") / dataset / "train.npy")[:plan.num_samples]
+        floor = image_scores(real, ref_stats, extractor, batch_size=plan.batch_size, classes=True)
+        scores.update(metric=METRIC, fid_floor=floor["fid"], fid_over_floor=scores["fid"] / max(floor["fid"], 1e-12),
+                      floor_class_coverage=floor["class_coverage"], floor_num_images=len(real),
+                      classifier_test_accuracy=getattr(extractor, "test_accuracy", None))
+    return scores
 
 
 def paper_differences(*, num_samples: int, steps: int, dataset: str, sampler: str, variance: str | None,
@@ -359,111 +506,61 @@ def paper_differences(*, num_samples: int, steps: int, dataset: str, sampler: st
             + ["x0 not clipped"] * (clip != PAPER["clip"]))
 
 
-def results_dir(checkpoint_path: str | Path | None, diffusers: str | None = None) -> Path:
-    """Where eval/ (shards and records) goes: beside the checkpoint; in a diffusers model's folder, or for a hub id in
-    runs/diffusers/<owner>--<name>."""
-    if diffusers is None:
-        return Path(checkpoint_path).parent
-    return Path(diffusers) if Path(diffusers).is_dir() else Path("runs/diffusers") / diffusers.replace("/", "--")
+def record_path(out_dir: str | Path, result: dict) -> Path:
+    """Where an evaluation's result goes, beside its shards: `<out_dir>/eval/<shard folder>_n<num_samples>_<features>
+    .json`, plus `_ref-<name>` for a --ref other than the default. Every setting that changes the score is in the
+    name, so no evaluation overwrites another's record; it is made from the result alone, so a record names itself."""
+    ref = Path(result["ref"])
+    ref_tag = "" if ref == default_ref(result["dataset"], result["features"]) else f"_ref-{_label(ref)}"
+    folder = samples_folder(**{k: result[k] for k in SETTINGS})
+    return Path(out_dir) / "eval" / f"{folder}_n{result['num_samples']}_{result['features']}{ref_tag}.json"
 
 
-def evaluate(checkpoint_path: str | Path | None, *, num_samples: int = 50_000, steps: int | None = None,
-             batch_size: int = 256, seed: int = 0, variance: str = "beta", ref: str | Path | None = None,
-             device: str | torch.device = "auto", extractor: Extractor | None = None, progress: bool = True,
-             stats_cache: str | Path = "data/fid_stats", features: str = "inception",
-             generate: Callable[..., Tensor] = sample.generate, sampler: str = "ddpm", eta: float = 0.0,
-             spacing: str = "uniform", diffusers: str | None = None, precision: str = "fp32",
-             clip: bool | None = None) -> dict:
-    """FID and IS of `num_samples` EMA samples of the checkpoint; writes the result to `record_path` and returns it.
-    `ref` defaults to the config's training set, data/<dataset>/train.npy; `extractor` to the FID Inception.
+def make_record(scores: dict, plan: Plan, source: Source, extractor: Extractor) -> dict:
+    """The result of an evaluation: its scores, every setting, and whether it is comparable with the paper."""
+    settings = plan.settings
+    reasons = [f"{plan.features} features (not Inception FID)"] * (plan.features == "fashion-mnist") + \
+        paper_differences(num_samples=plan.num_samples, steps=settings["steps"], dataset=source.dataset,
+                          sampler=settings["sampler"], variance=settings["variance"], clip=settings["clip"])
+    paper = (f"the paper (Ho et al. 2020, Table 1: FID {PAPER['fid']}, IS {PAPER['is_mean']} from "
+             f"{PAPER['num_samples']} samples of {PAPER['steps']} ancestral steps with variance beta on CIFAR-10, FID "
+             f"against the training set)")
+    return {**scores, **settings, "num_samples": plan.num_samples, "features": plan.features,
+            "batch_size": plan.batch_size, "checkpoint_step": source.step, "dataset": source.dataset,
+            "weights": "ema" if source.state is not None else f"diffusers {source.name}",
+            "ref": str(plan.ref), "extractor": extractor.name, "comparable_with_paper": not reasons,
+            "note": f"comparable with {paper}" if not reasons else f"NOT comparable with {paper}: {', '.join(reasons)}"}
+
+
+def evaluate(checkpoint_path: str | Path | None, settings: Evaluation = Evaluation(), *, diffusers: str | None = None,
+             extractor: Extractor | None = None, generate: Callable[..., Tensor] = sample.generate,
+             progress: bool = True, **overrides) -> dict:
+    """FID and IS of `num_samples` EMA samples of the checkpoint, as `settings` says with any of its fields replaced
+    by `overrides` (`evaluate(path, num_samples=5000, steps=100)`); writes the result to `record_path` and returns it.
+    `ref` defaults to the training set, data/<dataset>/train.npy; `extractor` to the network `features` names.
     `features="fashion-mnist"`: the classifier of features.py instead (offline), FID against the test set
-    data/fashion-mnist/test.npy, the real-data floor (the first `num_samples` training images scored the same way)
-    and the class coverage instead of the IS.
-    Everything that can fail on setup (checkpoint, extractor, reference) does so before any sampling.
+    data/fashion-mnist/test.npy, the real-data floor and the class coverage instead of the IS (`score_samples`).
+    Everything that can fail on setup (checkpoint, settings, extractor, reference) does so before any sampling.
     With `diffusers` (a diffusers model's folder or hub id, instead of a checkpoint), `ref` defaults to CIFAR-10's
     for 3x32x32 images; see `results_dir` for where the results go. `precision` (fp32, bf16, or auto: bf16 where it is
     native, runtime.resolve_precision) is the sampler's: bf16 samples are other samples, in a folder of their own.
     `clip` (the predicted x0 to [-1, 1]) defaults to the checkpoint's sample.clip, the rule FID during training
     follows (`training_scorer`); a diffusers model clips, as its DDPMScheduler does by default."""
-    if diffusers is not None:
-        from export import load_diffusers
-        model, schedule = load_diffusers(diffusers)
-        step, weights, dataset = None, model.state_dict(), "cifar10"  # as its 3x32x32 images suggest; else --ref
-        state = None
-        if ref is None and (model.in_channels, model.image_size) != (3, 32):
-            raise EvalError(f"{diffusers}: its {model.in_channels}x{model.image_size}x{model.image_size} images are "
-                            f"not CIFAR-10's: pass --ref")
-    else:
-        state = load_checkpoint(checkpoint_path, advice="(is it a checkpoint.pt written by train.py?)")
-        schedule = sample.schedule_from_config(state["config"])
-        step, weights, dataset = state["step"], state["ema"], state["config"]["data"]["dataset"]
-    clip = sample.resolve_clip(clip, state)
-    steps = schedule.num_timesteps if steps is None else steps
-    if not 1 <= steps <= schedule.num_timesteps:
-        raise ValueError(f"--steps must be in [1, {schedule.num_timesteps}], got {steps}")
-    if num_samples < IS_SPLITS or batch_size < 1:
-        raise ValueError(f"--num-samples must be >= {IS_SPLITS} (the IS splits) and --batch-size >= 1")
-    if not 0 <= seed < MAX_SEED:
-        raise ValueError(f"--seed must be in [0, 2**40), got {seed}")
-    sample.check_sampler_flags(sampler, eta, spacing, variance)
-    variance = ddpm.resolve_variance(variance, steps, schedule.num_timesteps)
-    # What changes the samples: DDIM has no variance to choose, and at all T steps every spacing is the same.
-    shown_variance = variance if sampler == "ddpm" else None
-    spacing = spacing if steps < schedule.num_timesteps else "uniform"
-    try:
-        device = runtime.resolve_device(device)
-    except ValueError as e:
-        raise ValueError(f"--device {e}") from None
-    if precision not in runtime.SAMPLING_PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(runtime.SAMPLING_PRECISIONS)}, got {precision!r}")
-    precision = runtime.resolve_precision(precision, device)
-    if features not in ("inception", "fashion-mnist"):
-        raise ValueError(f"--features must be inception or fashion-mnist, got {features!r}")
-    classes = features == "fashion-mnist"
-    if classes and dataset != "fashion-mnist":
-        raise EvalError(f"--features fashion-mnist scores Fashion-MNIST samples; {checkpoint_path or diffusers} was trained on "
-                        f"{dataset}")
-    ref = default_ref(dataset, features) if ref is None else Path(ref)
-    if not ref.exists():
-        raise EvalError(f"{ref}: reference not found" + ("" if ref.suffix != ".npy" else
-                        f"; run `python data.py --config config.yaml data.dataset={dataset}` first, or pass --ref"))
+    e = dataclasses.replace(settings, **overrides)
+    source = load_source(checkpoint_path, diffusers, e.ref)
+    plan = plan_evaluation(e, source)
     if extractor is None:
-        extractor = _fashion_mnist_extractor(stats_cache, progress) if classes else inception_extractor(device)
-    ref_stats = reference_stats(ref, extractor, cache_dir=stats_cache, batch_size=batch_size, progress=progress)
-    model = model.to(device) if diffusers is not None else model_from_checkpoint(state, ema=True, device=device)
-    settings = {"steps": steps, "seed": seed, "sampler": sampler, "eta": eta, "spacing": spacing,
-                "variance": shown_variance, "precision": precision, "clip": clip}
-    identity = {"checkpoint_step": step, "ema_sha256": weights_digest(weights), "seed_stride": SEED_STRIDE,
-                "batch_size": batch_size, "image_shape": [model.in_channels, model.image_size, model.image_size],
-                **{k: v for k, v in settings.items() if (k, v) != ("precision", "fp32")}}  # fp32: as before bf16
-    out_dir = results_dir(checkpoint_path, diffusers)
-    folder = out_dir / "eval" / samples_folder(**settings)
-    images = sample_shards(model, schedule, folder, identity, num_samples=num_samples, batch_size=batch_size,
-                           steps=steps, variance=variance, seed=seed, device=device, progress=progress,
-                           generate=generate, sampler=sampler, eta=eta, spacing=spacing, precision=precision,
-                           clip=clip)
-    scores = image_scores(images, ref_stats, extractor, batch_size=batch_size, progress=progress, classes=classes)
-    if classes:  # the same score for real training images: what a perfect model would get with this many images
-        from features import METRIC
-        real = load_images(Path("data") / dataset / "train.npy")[:num_samples]
-        floor = image_scores(real, ref_stats, extractor, batch_size=batch_size, classes=True)
-        scores.update(metric=METRIC, fid_floor=floor["fid"], fid_over_floor=scores["fid"] / max(floor["fid"], 1e-12),
-                      floor_class_coverage=floor["class_coverage"], floor_num_images=len(real),
-                      classifier_test_accuracy=getattr(extractor, "test_accuracy", None))
-    reasons = [f"{features} features (not Inception FID)"] * classes + paper_differences(
-        num_samples=num_samples, steps=steps, dataset=dataset, sampler=sampler, variance=shown_variance, clip=clip)
-    paper = (f"the paper (Ho et al. 2020, Table 1: FID {PAPER['fid']}, IS {PAPER['is_mean']} from "
-             f"{PAPER['num_samples']} samples of {PAPER['steps']} ancestral steps with variance beta on CIFAR-10, FID "
-             f"against the training set)")
-    result = {**scores, **settings, "num_samples": num_samples, "features": features,
-              "batch_size": batch_size, "checkpoint_step": step, "dataset": dataset,
-              "weights": "ema" if diffusers is None else f"diffusers {diffusers}",
-              "ref": str(ref), "extractor": extractor.name, "comparable_with_paper": not reasons,
-              "note": f"comparable with {paper}" if not reasons
-              else f"NOT comparable with {paper}: {', '.join(reasons)}"}
-    write_json(record_path(out_dir, result), result)
+        extractor = feature_extractor(plan.features, plan.device, e.stats_cache, progress)
+    ref_stats = reference_stats(plan.ref, extractor, cache_dir=e.stats_cache, batch_size=plan.batch_size,
+                                progress=progress)
+    images = sample_shards(source, plan, generate=generate, progress=progress)
+    scores = score_samples(images, plan, ref_stats, extractor, source.dataset, progress)
+    result = make_record(scores, plan, source, extractor)
+    write_json(record_path(source.out_dir, result), result)
     return result
 
+
+# ---------------------------------------------------------------- FID during training
 
 def training_scorer(cfg, device: torch.device, *, stats_cache: str | Path = "data/fid_stats",
                     progress: bool = True) -> Callable[[torch.nn.Module, int], dict]:
@@ -473,27 +570,19 @@ def training_scorer(cfg, device: torch.device, *, stats_cache: str | Path = "dat
     set) for CIFAR-10. Everything it needs is built now: a missing piece is an EvalError before training starts."""
     features = cfg.eval.features if cfg.eval.features != "auto" else \
         ("fashion-mnist" if cfg.data.dataset == "fashion-mnist" else "inception")
-    classes = features == "fashion-mnist"
-    extractor = _fashion_mnist_extractor(stats_cache, progress) if classes else inception_extractor(device)
+    extractor = feature_extractor(features, device, stats_cache, progress)
     ref_stats = reference_stats(default_ref(cfg.data.dataset, features), extractor, cache_dir=stats_cache,
                                 progress=progress)
-    schedule, s = sample.schedule_from_config({"diffusion": dataclasses.asdict(cfg.diffusion)}), cfg.sample
+    schedule = sample.schedule_from_config({"diffusion": dataclasses.asdict(cfg.diffusion)})
 
     def score(model: torch.nn.Module, seed: int) -> dict:
-        images = sample.generate(model, schedule, cfg.eval.num_samples, steps=s.steps, variance=s.variance,
-                                 clip=s.clip, sampler=s.sampler, eta=s.eta, spacing=s.spacing, seed=seed,
-                                 device=device)
-        return image_scores(images, ref_stats, extractor, classes=classes)
+        images = sample.generate(model, schedule, cfg.eval.num_samples, cfg.sample.sampling, seed=seed,
+                                 inference=sample.Inference(device))
+        return image_scores(images, ref_stats, extractor, classes=features == "fashion-mnist")
     return score
 
 
-def _fashion_mnist_extractor(stats_cache: str | Path, progress: bool):
-    from features import FeatureError, fashion_mnist_extractor
-    try:
-        return fashion_mnist_extractor(Path("data") / "fashion-mnist", stats_cache, progress=progress)
-    except FeatureError as e:
-        raise EvalError(str(e)) from None
-
+# ---------------------------------------------------------------- the command line
 
 def summary(result: dict, path: str | Path) -> str:
     """The one line main() prints."""
@@ -523,8 +612,7 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--diffusers", metavar="PATH_OR_ID", help="a diffusers UNet2DModel or DDPMPipeline (folder or "
                         "hub id) instead, e.g. google/ddpm-cifar10-32 (pip install -r requirements-bench.txt)")
     p.add_argument("--num-samples", type=int, default=PAPER["num_samples"], help="50000 for the paper's numbers")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all; fewer = respaced)")
-    sample.add_sampler_arguments(p)  # with --clip / --no-clip
+    sample.add_sampler_arguments(p)  # --steps, --sampler, --eta, --spacing, --variance, --clip / --no-clip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256, help="sampling and Inception batch (also the shard size)")
     p.add_argument("--ref", default=None, help="reference: PNG folder, .npz of images (arr_0, NHWC) or of mu and "
@@ -540,11 +628,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metrics", default=None, help="also write the result to this file: the one DVC reads "
                    "(eval/dvc.yaml passes <out_dir>/eval.json); the record named by its settings is written anyway")
     args = p.parse_args(argv)
+    settings = Evaluation(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Evaluation)})
     try:
-        result = evaluate(args.checkpoint, num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size,
-                          seed=args.seed, variance=args.variance, ref=args.ref, device=args.device,
-                          stats_cache=args.stats_cache, features=args.features, sampler=args.sampler, eta=args.eta,
-                          spacing=args.spacing, diffusers=args.diffusers, precision=args.precision, clip=args.clip)
+        result = evaluate(args.checkpoint, settings, diffusers=args.diffusers)
     except (EvalError, CheckpointError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:

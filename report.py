@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import math
 from pathlib import Path
 
@@ -19,20 +18,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import ddpm
-from checkpoint import atomic_write, image_grid, load_checkpoint, model_from_checkpoint
-from sample import generate, schedule_from_config
+from checkpoint import load_checkpoint, model_from_checkpoint
+from sample import generate, image_grid, sampler_settings, save_png, schedule_from_config
 
 INK, GREY, BLUE, ORANGE, GREEN = (20, 20, 20), (150, 150, 150), (31, 119, 180), (255, 127, 14), (44, 160, 44)
 
 
 def _font(size: int = 14) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
-
-
-def _save(image: Image.Image, path: Path) -> None:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=True)
-    atomic_write(path, buf.getvalue())
 
 
 def captioned(images: list[Image.Image], captions: list[str], scale: int = 2, gap: int = 16) -> Image.Image:
@@ -150,22 +143,20 @@ def main(argv: list[str] | None = None) -> None:
     state = load_checkpoint(run / "checkpoint.pt")
     cfg, history = state["config"], read_history(run)
     chosen = {"sampler": args.sampler, "steps": args.steps, "variance": args.variance}
-    s = {**cfg["sample"], **{k: v for k, v in chosen.items() if v is not None}}
-    images = generate(model_from_checkpoint(state), schedule_from_config(cfg), args.num_images, steps=s["steps"],
-                      variance=s["variance"], clip=s["clip"], sampler=s["sampler"], eta=s["eta"], spacing=s["spacing"],
-                      seed=args.seed)
+    T = cfg["diffusion"]["num_timesteps"]
+    s = sampler_settings({**cfg["sample"], **{k: v for k, v in chosen.items() if v is not None}}, state, T)
+    images = generate(model_from_checkpoint(state), schedule_from_config(cfg), args.num_images, s, seed=args.seed)
     real = data.load_dataset(Path("data") / cfg["data"]["dataset"] / "train.npy")[:args.num_images]
     grid = lambda x: Image.fromarray(image_grid(x).numpy())  # noqa: E731
-    T = cfg["diffusion"]["num_timesteps"]
-    how = f"{s['sampler'].upper()}, {s['steps'] or T} steps"
-    if s["sampler"] == "ddpm":
-        how += f", variance {ddpm.resolve_variance(s['variance'], s['steps'], T)}"  # ASCII: the default font
-    _save(captioned([grid(images), grid(real)], [f"samples (EMA, {how})", "real training images"]), out / "samples.png")
+    how = f"{s.sampler.upper()}, {s.steps or T} steps"
+    if s.sampler == "ddpm":
+        how += f", variance {ddpm.resolve_variance(s.variance, s.steps, T)}"  # ASCII: the default font
+    save_png(captioned([grid(images), grid(real)], [f"samples (EMA, {how})", "real training images"]), out / "samples.png")
     compare = None
     if args.compare:
         with open(args.compare[0]) as f:
             compare = (args.compare[1], list(csv.DictReader(f)))
-    _save(curve(history, cfg.get("eval", {}).get("num_samples"), compare=compare), out / "curve.png")
+    save_png(curve(history, cfg.get("eval", {}).get("num_samples"), compare=compare), out / "curve.png")
     grids = sorted((run / "samples").glob("epoch_*.png"))
     by_epoch = {int(r["epoch"]): r for r in history}
     labels = []
@@ -173,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         r = by_epoch.get(int(g.stem.split("_")[1]), {})
         labels.append(f"epoch {int(g.stem.split('_')[1])}" + (f", {float(r['wall_time_s']) / 60:.0f} min" if r else ""))
     if grids:
-        _save(captioned([Image.open(g).convert("RGB") for g in grids], labels, scale=1), out / "progression.png")
+        save_png(captioned([Image.open(g).convert("RGB") for g in grids], labels, scale=1), out / "progression.png")
     print(f"wrote {out}/samples.png, curve.png" + (", progression.png" if grids else ""))
 
 

@@ -1,12 +1,15 @@
 """Where a run runs, decided once and passed down: the device, the precision and memory format that are fast there,
-the processes of a torchrun launch (`Dist`), and the seeds of the run's random streams. train.py, sample.py,
-evaluate.py and bench.py import it; nothing here knows about the config file.
+the processes of a torchrun launch (`Dist`), the seeds of the run's random streams, and the progress bar every
+command draws. train.py, data.py, sample.py, evaluate.py and bench.py import it; nothing here knows about the config
+file.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -152,3 +155,18 @@ def setup_dist(dist: Dist, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+@contextlib.contextmanager
+def progress_bar(*, leave: bool = True, **kwargs: Any) -> Iterator[Any]:
+    """A tqdm bar (tqdm's keyword arguments; `disable=True` draws nothing) that is erased when an error ends it,
+    so the error line that follows is the only line left; on success it stays if `leave`."""
+    from tqdm.auto import tqdm
+    bar = tqdm(leave=leave, dynamic_ncols=True, **kwargs)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()

@@ -6,17 +6,19 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
-
-from typing import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 
 import ddpm
-from checkpoint import CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint, save_grid
-from config import Sample
+from checkpoint import CheckpointError, atomic_save, atomic_write, load_checkpoint, model_from_checkpoint
+from config import sampling_from_flags
 from runtime import SAMPLING_PRECISIONS, amp_dtype, resolve_device, resolve_precision, use_channels_last
 
 
@@ -43,34 +45,44 @@ def fast_eps(model: torch.nn.Module, device: torch.device, *, amp_dtype: torch.d
         torch.compile(eps, options={"freezing": True})
 
 
-def generate(model: torch.nn.Module, schedule: ddpm.Schedule, num_images: int, *, batch_size: int = 256,
-             steps: int | None = None, variance: str = "auto", clip: bool = True, seed: int = 0,
-             device: torch.device | str = "cpu", progress: bool = False, precision: str = "fp32",
-             compile: bool = False, sampler: str = "ddpm", eta: float = 0.0, spacing: str = "uniform") -> Tensor:
-    """`num_images` samples as uint8 (N, C, H, W) on the CPU. Batch k uses the generator seeded with
-    `seed + k`, so the images do not depend on what else was sampled before them. `precision="bf16"` and
-    `compile` are the fast path (docs/benchmarks.md); fp32 eager is exact. `sampler`, `eta`, `spacing`,
-    `steps`, `variance` and `clip` are ddpm.sample's, with its defaults (config.yaml's sample.*, as the CLI's)."""
-    device = torch.device(device)
+@dataclass(frozen=True)
+class Inference:
+    """How `generate` runs the network: on `device`, in `precision` ("fp32" eager is exact; "bf16" and `compile` are
+    the fast path, docs/benchmarks.md), with a progress bar over each batch's steps or not."""
+    device: torch.device | str = "cpu"
+    precision: str = "fp32"
+    compile: bool = False
+    progress: bool = False
+
+
+def generate(model: torch.nn.Module, schedule: ddpm.Schedule, num_images: int,
+             settings: ddpm.Sampling = ddpm.Sampling(), *, batch_size: int = 256, seed: int = 0,
+             inference: Inference = Inference(), **overrides) -> Tensor:
+    """`num_images` samples as uint8 (N, C, H, W) on the CPU, drawn by ddpm.sample with `settings` (its fields
+    replaced by `overrides`: `generate(..., steps=50, sampler="ddim")`). Batch k uses the generator seeded with
+    `seed + k`, so the images do not depend on what else was sampled before them."""
+    device = torch.device(inference.device)
     schedule = schedule.to(device)
-    dtype = amp_dtype(precision)
-    eps = fast_eps(model, device, amp_dtype=dtype, channels_last=use_channels_last("auto", device, precision),
-                   compile=compile) if dtype is not None or compile else model
+    dtype, eps = amp_dtype(inference.precision), model
+    if dtype is not None or inference.compile:  # the fast path
+        eps = fast_eps(model, device, amp_dtype=dtype, compile=inference.compile,
+                       channels_last=use_channels_last("auto", device, inference.precision))
     shape = (model.in_channels, model.image_size, model.image_size)
     out = []
     for k, start in enumerate(range(0, num_images, batch_size)):
         n = min(batch_size, num_images - start)
         gen = torch.Generator(device).manual_seed(seed + k)
-        x = ddpm.sample(schedule, eps, (n, *shape), steps=steps, variance=variance, clip=clip, generator=gen,
-                        device=device, progress=progress, sampler=sampler, eta=eta, spacing=spacing)
+        x = ddpm.sample(schedule, eps, (n, *shape), settings, generator=gen, device=device,
+                        progress=inference.progress, **overrides)
         out.append(ddpm.to_uint8(x).cpu())
     return torch.cat(out)
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """--sampler, --eta, --spacing, --variance, defaulting to config.yaml's sample.* defaults (shared with
-    evaluate.py)."""
-    d = Sample()
+    """--steps, --sampler, --eta, --spacing, --variance, --clip: ddpm.Sampling's fields, defaulting to config.yaml's
+    sample.* defaults (shared with evaluate.py; `sampler_settings` checks them)."""
+    d = ddpm.Sampling()
+    p.add_argument("--steps", type=int, default=d.steps, help="sampling steps (default: all; fewer = respaced)")
     p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=d.sampler,
                    help=f"ddpm: ancestral (Algorithm 2); ddim: Song et al. 2021; dpm++2m: DPM-Solver++(2M), Lu et al. "
                         f"2022, deterministic (default: {d.sampler})")
@@ -93,16 +105,36 @@ def resolve_clip(flag: bool | None, state: dict | None) -> bool:
     return True if state is None else state["config"]["sample"]["clip"]
 
 
-def check_sampler_flags(sampler: str, eta: float, spacing: str, variance: str) -> None:
-    """The checks config.py makes on sample.*, as a ValueError that names the flag."""
-    for flag, value, options in (("--sampler", sampler, ddpm.SAMPLERS), ("--spacing", spacing, ddpm.SPACINGS),
-                                 ("--variance", variance, ddpm.VARIANCES)):
-        if value not in options:
-            raise ValueError(f"{flag} must be one of {', '.join(options)}, got {value!r}")
-    if not 0 <= eta <= 1:
-        raise ValueError(f"--eta must be in [0, 1], got {eta}")
-    if sampler != "ddim" and eta != 0:
-        raise ValueError(f"--eta {eta} applies to --sampler ddim only ({sampler} has no eta)")
+def sampler_settings(flags: Mapping[str, Any], state: dict | None, num_timesteps: int) -> ddpm.Sampling:
+    """ddpm.sample's settings from the flags of `add_sampler_arguments` (`flags` maps their names to values, e.g.
+    vars(args); --clip unset follows `resolve_clip`), checked as config.yaml's sample.* are
+    (config.sampling_from_flags): a bad one is a ConfigError, a ValueError that names the flag."""
+    values = {f.name: flags[f.name] for f in fields(ddpm.Sampling) if f.name in flags}
+    return sampling_from_flags({**values, "clip": resolve_clip(values.get("clip"), state)}, num_timesteps)
+
+
+# ---------------------------------------------------------------- pictures: grids and PNG files
+
+def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:
+    """uint8 (N, C, H, W) -> one uint8 (H', W', 3) grid with a 2-pixel border, for PNG files and wandb."""
+    assert images.dtype == torch.uint8 and images.ndim == 4, (images.dtype, images.shape)
+    from torchvision.utils import make_grid
+    nrow = nrow or max(1, int(len(images) ** 0.5))
+    grid = make_grid(images.cpu(), nrow=nrow, padding=2)  # grayscale becomes 3 channels here
+    return grid.permute(1, 2, 0).contiguous()
+
+
+def save_png(image: Any, path: str | Path) -> None:
+    """Write a PIL image as a PNG file, atomically."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    atomic_write(path, buf.getvalue())
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> None:
+    """Write uint8 images (N, C, H, W) as a PNG grid, atomically."""
+    from PIL import Image
+    save_png(Image.fromarray(image_grid(images, nrow).numpy()), path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,7 +145,6 @@ def main(argv: list[str] | None = None) -> None:
                         "or a hub id such as google/ddpm-cifar10-32 (needs the network; pip install -r "
                         "requirements-bench.txt)")
     p.add_argument("--num-images", type=int, default=64)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all; fewer = respaced)")
     add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -144,9 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             schedule = schedule_from_config(state["config"])
             model = model_from_checkpoint(state, ema=not args.raw, device=device)
             what = f"step {state['step']}, {'raw' if args.raw else 'EMA'} weights"
-        if args.steps is not None and not 1 <= args.steps <= schedule.num_timesteps:
-            raise ValueError(f"--steps must be in [1, {schedule.num_timesteps}], got {args.steps}")
-        check_sampler_flags(args.sampler, args.eta, args.spacing, args.variance)
+        settings = sampler_settings(vars(args), state, schedule.num_timesteps)
         try:
             precision = resolve_precision(args.precision, device)
         except ValueError as e:
@@ -154,10 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    images = generate(model, schedule, args.num_images, batch_size=args.batch_size, steps=args.steps,
-                      variance=args.variance, clip=resolve_clip(args.clip, state), seed=args.seed, device=device, progress=True,
-                      precision=precision, compile=args.compile, sampler=args.sampler, eta=args.eta,
-                      spacing=args.spacing)
+    images = generate(model, schedule, args.num_images, settings, batch_size=args.batch_size, seed=args.seed,
+                      inference=Inference(device, precision, args.compile, progress=True))
     save_grid(images, args.out)
     if args.npz:
         atomic_save(args.npz, np.savez, images.permute(0, 2, 3, 1).numpy())

@@ -32,11 +32,11 @@ import data
 import ddpm
 import runtime
 from checkpoint import model_args as checkpoint_model_args
-from checkpoint import (CheckpointError, atomic_write, image_grid, load_checkpoint, remove_stale_temps,
-                        save_checkpoint, save_grid, write_json)
+from checkpoint import (CheckpointError, atomic_write, load_checkpoint, remove_stale_temps, save_checkpoint,
+                        write_json)
 from config import Config, ConfigError, cli, fail, flatten, from_dict, resumable_keys, to_dict
-from runtime import Dist, derive_seed
-from sample import generate, schedule_from_config
+from runtime import Dist, derive_seed, progress_bar
+from sample import Inference, generate, image_grid, save_grid, schedule_from_config
 from unet import UNet
 
 HISTORY_FIELDS = ["epoch", "step", "loss", "ema_loss", "lr", "images_per_sec", "wall_time_s", "fid", "class_coverage",
@@ -587,8 +587,8 @@ def run_epochs(setup: Setup, state: TrainState, logger: Logger, stop: Stop, *, p
             break
         p.model.train()
         images, started = 0, time.perf_counter()  # this process's part of the epoch: its training throughput
-        with _bar(len(state.batches), state.batches.index, f"epoch {epoch + 1}/{cfg.train.epochs}",
-                  progress and dist.main) as bar:
+        with progress_bar(total=len(state.batches), initial=state.batches.index, unit="step", leave=False,
+                          desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not (progress and dist.main)) as bar:
             for x in state.batches.epoch_batches():
                 B = x.shape[0]
                 t, noise = ddpm.draw_t_noise(p.schedule, x.shape, generator=state.noise, device=setup.device)
@@ -647,9 +647,8 @@ def end_epoch(setup: Setup, state: TrainState, logger: Logger, *, images_per_sec
     logs = {"epoch/loss": row["loss"], "epoch/ema_loss": ema_loss, "epoch": n}
     if _due(cfg.sample.every_epochs, n, last):
         s = cfg.sample  # the same noise every epoch, so that the grids show the model's progress
-        images = generate(state.parts.ema, state.parts.schedule, s.num_images, steps=s.steps, variance=s.variance,
-                          clip=s.clip, sampler=s.sampler, eta=s.eta, spacing=s.spacing,
-                          seed=derive_seed(cfg.seed, 3), device=setup.device, progress=False)
+        images = generate(state.parts.ema, state.parts.schedule, s.num_images, s.sampling,
+                          seed=derive_seed(cfg.seed, 3), inference=Inference(setup.device))
         save_grid(images, setup.out / "samples" / f"epoch_{n:03d}.png")
         logs["samples"] = images
     if setup.scorer is not None and _due(cfg.eval.every_epochs, n, last):
@@ -679,12 +678,6 @@ def write_records(out: Path, history: list[dict]) -> None:
                                                               "wall_time_s")},
                                       **({"fid": measured[-1]["fid"], "fid_epoch": measured[-1]["epoch"]}
                                          if measured else {})})
-
-
-def _bar(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, leave=False,
-                dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------- the function and the command

@@ -325,7 +325,7 @@ def decode_png(path: Path) -> torch.Tensor:
 
 
 def grid_side(n_images: int, size: int = 32, padding: int = 2) -> tuple[int, int]:
-    """(height, width) of checkpoint.image_grid for n images: nrow = floor(sqrt(n)), 2-pixel borders."""
+    """(height, width) of sample.image_grid for n images: nrow = floor(sqrt(n)), 2-pixel borders."""
     cols = min(max(1, int(n_images ** 0.5)), n_images)
     rows = -(-n_images // cols)
     return rows * (size + padding) + padding, cols * (size + padding) + padding

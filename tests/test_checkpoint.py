@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoint
+import sample
 from helpers import ROOT
 
 
@@ -18,7 +19,7 @@ def write_all(folder: Path) -> list[Path]:
     """One file of each kind the project writes atomically: bytes, a checkpoint, a sample grid, a JSON record."""
     checkpoint.atomic_write(folder / "history.csv", b"epoch\n1\n")
     checkpoint.save_checkpoint(folder / "checkpoint.pt", {"step": 1})
-    checkpoint.save_grid(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), folder / "samples" / "epoch_001.png")
+    sample.save_grid(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), folder / "samples" / "epoch_001.png")
     checkpoint.write_json(folder / "eval" / "record.json", {"fid": 1.0})
     return [folder / "history.csv", folder / "checkpoint.pt", folder / "samples" / "epoch_001.png",
             folder / "eval" / "record.json"]

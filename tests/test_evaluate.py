@@ -204,7 +204,7 @@ class CountingGenerate:
         if self.calls == self.crash_at:
             raise KeyboardInterrupt("simulated crash")
         self.seeds.append(kwargs["seed"])
-        self.clips.append(kwargs["clip"])
+        self.clips.append(kwargs["settings"].clip)
         return sample.generate(*args, **kwargs)
 
 
@@ -394,7 +394,7 @@ def test_the_papers_settings_are_comparable_with_the_paper(tmp_path: Path) -> No
     np.savez(ref, smooth_images(32, seed=5).permute(0, 2, 3, 1).numpy())
 
     def random_images(model, schedule, n: int, **kwargs) -> torch.Tensor:
-        assert kwargs["steps"] == 1000 and kwargs["variance"] == "beta"
+        assert kwargs["settings"].steps == 1000 and kwargs["settings"].variance == "beta"
         return noise_images(n, seed=kwargs["seed"])
     result = ev.evaluate(ckpt, num_samples=50_000, batch_size=25_000, ref=ref, device="cpu",
                          extractor=MeanColourExtractor(), progress=False, stats_cache=tmp_path / "stats",

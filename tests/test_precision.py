@@ -100,7 +100,7 @@ def test_sample_cli_auto_samples_in_the_cpus_precision(cpu, tmp_path: Path, monk
     ckpt = make_checkpoint(tmp_path / "checkpoint.pt")
     seen = []
     real = sample.generate
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: seen.append(k["precision"]) or real(*a, **k))
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: seen.append(k["inference"].precision) or real(*a, **k))
     sample.main(["--checkpoint", str(ckpt), "--num-images", "2", "--steps", "2", "--device", "cpu",
                  "--out", str(tmp_path / "s.png")])
     assert seen == ["bf16" if amx_bf16 else "fp32"] and (tmp_path / "s.png").exists()
@@ -126,7 +126,7 @@ def test_evaluate_auto_samples_in_the_cpus_precision_into_its_own_folder(cpu, tm
     seen = []
 
     def generate(*a, **k):
-        seen.append(k["precision"])
+        seen.append(k["inference"].precision)
         return sample.generate(*a, **k)
     result = ev.evaluate(ckpt, num_samples=10, steps=2, batch_size=5, seed=1, ref=ref, device="cpu",
                          extractor=TinyExtractor(), progress=False, stats_cache=tmp_path / "stats", generate=generate,

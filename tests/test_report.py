@@ -11,9 +11,9 @@ import torch
 import data
 import report
 import train
-from checkpoint import image_grid, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from helpers import decode_png, tiny_config
-from sample import generate, schedule_from_config
+from sample import generate, image_grid, schedule_from_config
 
 GAP, HEAD, SCALE = 16, 26, 2  # report.captioned's layout
 

@@ -556,9 +556,9 @@ def test_the_python_defaults_are_the_configs(function) -> None:
     """One default for each setting (issue 25): ddpm.sample and sample.generate default to config.yaml's sample.*,
     as the CLIs do (sample.add_sampler_arguments), so Python and the CLI give the same samples for the same
     settings. (Both defaulted to variance "beta" before: the worst choice when respaced.)"""
-    parameters = inspect.signature(function).parameters
-    assert {k: parameters[k].default for k in SAMPLE_SETTINGS} == {k: getattr(config.Sample(), k)
-                                                                   for k in SAMPLE_SETTINGS}
+    default = inspect.signature(function).parameters["settings"].default  # a ddpm.Sampling
+    assert {k: getattr(default, k) for k in SAMPLE_SETTINGS} == {k: getattr(config.Sample(), k)
+                                                                 for k in SAMPLE_SETTINGS}
 
 
 def test_ddpm_sample_respaced_defaults_to_the_posterior_variance() -> None:
@@ -653,7 +653,7 @@ def test_training_grids_use_the_configs_sampler(workdir: Path) -> None:
     def regenerate(**kw) -> torch.Tensor:
         images = sample.generate(checkpoint.model_from_checkpoint(state), sample.schedule_from_config(state["config"]),
                                  4, steps=6, seed=train.derive_seed(cfg.seed, 3), **kw)
-        return checkpoint.image_grid(images).permute(2, 0, 1)
+        return sample.image_grid(images).permute(2, 0, 1)
     assert torch.equal(grid, regenerate(sampler="ddim", eta=0.3, spacing="quadratic"))
     assert not torch.equal(grid, regenerate(variance="auto"))
 

@@ -350,7 +350,7 @@ def test_training(dataset: str, device: torch.device, workdir: Path, request) ->
     assert torch.isfinite(x).all() and -1 <= x.min() and x.max() <= 1 and x.std() > 0.05
     unit = ddpm.to_unit(x)
     assert 0 <= unit.min() and unit.max() <= 1
-    regenerated = checkpoint.image_grid(ddpm.to_uint8(x)).permute(2, 0, 1)
+    regenerated = sample.image_grid(ddpm.to_uint8(x)).permute(2, 0, 1)
     if device.type == "cpu":
         assert torch.equal(regenerated, grids["epoch_004.png"])
     else:  # other kernels on the GPU: allow rounding differences
@@ -727,7 +727,7 @@ def test_wandb_auto_without_credentials_runs_offline_with_metrics_images_config_
     # Images: PNG files under files/media/images, pixel for pixel the grids train.py made from uint8 images.
     images = data.load_dataset(Path("data/cifar10"), 8)
     first = next(data.BatchIterator(images, 4, seed=train.derive_seed(cfg.seed, 1)).epoch_batches())
-    expected = {"inputs": (0, checkpoint.image_grid(ddpm.to_uint8(first)).permute(2, 0, 1)),
+    expected = {"inputs": (0, sample.image_grid(ddpm.to_uint8(first)).permute(2, 0, 1)),
                 "samples": (6, decode_png(out / "samples" / "epoch_003.png"))}
     for name, (step, pixels) in expected.items():
         meta = rows[step][name]
@@ -768,7 +768,7 @@ def test_sample_cli_from_a_training_checkpoint(tiny_run, workdir: Path, capsys) 
         with np.load(workdir / f"{name}.npz") as f:
             arrays.append(f["arr_0"])
         assert arrays[-1].dtype == np.uint8 and arrays[-1].shape == (4, 32, 32, 3)
-        grid = checkpoint.image_grid(torch.from_numpy(arrays[-1]).permute(0, 3, 1, 2)).permute(2, 0, 1)
+        grid = sample.image_grid(torch.from_numpy(arrays[-1]).permute(0, 3, 1, 2)).permute(2, 0, 1)
         assert torch.equal(decode_png(workdir / f"{name}.png"), grid)  # the PNG shows the npz's images
     assert np.array_equal(arrays[0], arrays[1])  # same seed, same images
 
