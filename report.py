@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import ddpm
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from config import fail
 from sample import generate, image_grid, sampler_settings, save_png, schedule_from_config
 
 INK, GREY, BLUE, ORANGE, GREEN = (20, 20, 20), (150, 150, 150), (31, 119, 180), (255, 127, 14), (44, 160, 44)
@@ -140,11 +141,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="also draw this history.csv's FID on the curve, named LABEL (e.g. an earlier recipe)")
     args = p.parse_args(argv)
     run, out = Path(args.run), Path(args.out)
-    state = load_checkpoint(run / "checkpoint.pt")
-    cfg, history = state["config"], read_history(run)
-    chosen = {"sampler": args.sampler, "steps": args.steps, "variance": args.variance}
-    T = cfg["diffusion"]["num_timesteps"]
-    s = sampler_settings({**cfg["sample"], **{k: v for k, v in chosen.items() if v is not None}}, state, T)
+    try:  # a bad run folder or flag: one line and exit 2, before anything is written
+        state = load_checkpoint(run / "checkpoint.pt", advice="(is --run a folder written by train.py?)")
+        cfg, history = state["config"], read_history(run)
+        chosen = {"sampler": args.sampler, "steps": args.steps, "variance": args.variance}
+        T = cfg["diffusion"]["num_timesteps"]
+        s = sampler_settings({**cfg["sample"], **{k: v for k, v in chosen.items() if v is not None}}, state, T)
+    except (CheckpointError, ValueError, OSError) as e:
+        fail(str(e))
     images = generate(model_from_checkpoint(state), schedule_from_config(cfg), args.num_images, s, seed=args.seed)
     real = data.load_dataset(Path("data") / cfg["data"]["dataset"] / "train.npy")[:args.num_images]
     grid = lambda x: Image.fromarray(image_grid(x).numpy())  # noqa: E731

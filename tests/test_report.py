@@ -12,7 +12,7 @@ import data
 import report
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
-from helpers import decode_png, tiny_config
+from helpers import decode_png, one_error_line, run_cli, tiny_config
 from sample import generate, image_grid, schedule_from_config
 
 GAP, HEAD, SCALE = 16, 26, 2  # report.captioned's layout
@@ -64,6 +64,15 @@ def test_the_pictures_of_a_tiny_run_show_its_samples_real_images_and_epoch_grids
 
     # curve.png: no FID measured in this run, so one panel.
     assert decode_png(workdir / "pics/curve.png").shape[1:] == (300, 520)
+
+
+def test_a_bad_run_folder_or_flag_is_one_line_and_exit_2_and_nothing_is_written(workdir: Path) -> None:
+    r = run_cli("report.py", "--run", "runs/none", "--out", "pics", cwd=workdir)
+    assert r.returncode == 2 and "runs/none/checkpoint.pt" in one_error_line(r.stderr)
+    train.train(tiny_config(), progress=False)
+    r = run_cli("report.py", "--run", "runs/tiny", "--out", "pics", "--steps", "999", cwd=workdir)
+    assert r.returncode == 2 and one_error_line(r.stderr).startswith("error: --steps: 999 is more than")
+    assert not (workdir / "pics").exists()
 
 
 def test_the_curve_gets_an_fid_panel_only_where_fid_was_measured_and_minutes_leave_out_its_time() -> None:
