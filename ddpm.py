@@ -216,6 +216,20 @@ def _alpha_sigma(schedule: Schedule, k: Tensor, shape: torch.Size) -> tuple[Tens
     return alpha.masked_fill(before_first, 1.0), sigma.masked_fill(before_first, 0.0)
 
 
+def _dpmpp_2m_data(schedule: Schedule, x0: Tensor, x0_prev: Tensor | None, t: Tensor) -> Tensor:
+    """DPM-Solver++(2M)'s data term D for the step t -> t - 1 (Lu et al. 2022, Algorithm 2; the same D in its SDE
+    variant, §5 and App. B): D = x̂_0 + (h / 2h') (x̂_0 - x0_prev) with h = λ_{t-1} - λ_t, h' = λ_t - λ_{t+1}
+    (Algorithm 2's r = h' / h), λ = log(α / σ); first order, D = x̂_0, without `x0_prev` and at t = 0 (h = ∞)."""
+    shape = x0.shape
+    if x0_prev is None:
+        return x0
+    assert x0_prev.shape == shape, (x0_prev.shape, shape)
+    assert (t + 1 < schedule.num_timesteps).all(), "x0_prev is the prediction at t + 1, which must exist"
+    lam_from, lam, lam_to = (a.log() - s.log() for a, s in (_alpha_sigma(schedule, k, shape) for k in (t + 1, t, t - 1)))
+    second = x0 + (lam_to - lam) / (2 * (lam - lam_from)) * (x0 - x0_prev)  # not finite at t = 0 (λ_{-1} = ∞)
+    return torch.where(t.reshape(-1, *([1] * (len(shape) - 1))) > 0, second, x0)
+
+
 def dpmpp_2m_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, x0_prev: Tensor | None = None, *,
                   clip: bool = True) -> tuple[Tensor, Tensor]:
     """One step x_t -> x_{t-1} of DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2). Returns
@@ -243,18 +257,35 @@ def dpmpp_2m_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, x0_pr
         x0 = x0.clamp(-1.0, 1.0)
     alpha, sigma = _alpha_sigma(schedule, t, shape)
     alpha_to, sigma_to = _alpha_sigma(schedule, t - 1, shape)
-    d = x0
-    if x0_prev is not None:
-        assert x0_prev.shape == shape, (x0_prev.shape, shape)
-        assert (t + 1 < schedule.num_timesteps).all(), "x0_prev is the prediction at t + 1, which must exist"
-        lam_from, lam, lam_to = (a.log() - s.log() for a, s in (_alpha_sigma(schedule, t + 1, shape), (alpha, sigma),
-                                                                  (alpha_to, sigma_to)))
-        second = x0 + (lam_to - lam) / (2 * (lam - lam_from)) * (x0 - x0_prev)  # not finite at t = 0 (λ_{-1} = ∞)
-        d = torch.where(t.reshape(-1, *([1] * (len(shape) - 1))) > 0, second, x0)
+    d = _dpmpp_2m_data(schedule, x0, x0_prev, t)
     return alpha_to * d + sigma_to * (x_t - alpha * d) / sigma, x0
 
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+def dpmpp_2m_sde_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, noise: Tensor,
+                      x0_prev: Tensor | None = None, *, clip: bool = True) -> tuple[Tensor, Tensor]:
+    """One step x_t -> x_{t-1} of SDE-DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, §5 and App. B, eq. for
+    the second-order multistep SDE solver in data-prediction form; diffusers' algorithm_type="sde-dpmsolver++",
+    solver_type="midpoint"). Returns (x_{t-1}, x̂_0) as `dpmpp_2m_step` does, with the same D (`_dpmpp_2m_data`):
+        x_{t-1} = (σ_{t-1} / σ_t) e^{-h} x_t + α_{t-1} (1 - e^{-2h}) D + σ_{t-1} sqrt(1 - e^{-2h}) z,
+    e^{-h} = α_t σ_{t-1} / (σ_t α_{t-1}). With D = x̂_0 (the first step, and t = 0) this is the mean and variance of
+    the posterior q(x_{t-1} | x_t, x_0 = x̂_0) (Ho et al. 2020, eqs. 6-7) on the (respaced) schedule: exactly the
+    ancestral step with σ² = β̃ (`p_sample_step(..., variance="posterior")`); the solver replaces x̂_0 in the
+    posterior mean by the extrapolated D. At t = 0 it goes to ᾱ = 1 (σ = 0, e^{-h} = 0) and returns x̂_0; `noise`
+    (z ~ N(0, I), x's shape) is unused there. `clip` as in `dpmpp_2m_step`."""
+    assert eps.shape == x_t.shape == noise.shape, (eps.shape, x_t.shape, noise.shape)
+    shape = x_t.shape
+    x0 = predict_x0(schedule, eps, x_t, t)
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    alpha, sigma = _alpha_sigma(schedule, t, shape)
+    alpha_to, sigma_to = _alpha_sigma(schedule, t - 1, shape)
+    d = _dpmpp_2m_data(schedule, x0, x0_prev, t)
+    decay = alpha * sigma_to / (sigma * alpha_to)  # e^{-h}; 0 at t = 0
+    keep = 1.0 - decay ** 2  # 1 - e^{-2h} in (0, 1]
+    return decay * (sigma_to / sigma) * x_t + alpha_to * keep * d + sigma_to * keep.sqrt() * noise, x0
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
 SPACINGS = ("uniform", "quadratic", "leading", "trailing")
 VARIANCES = ("auto", "beta", "posterior")
 
@@ -321,7 +352,8 @@ class Sampling:
     """How `sample` runs the reverse process; the defaults are config.yaml's sample.* defaults (config.Sample makes
     one from its section, sample.py from its flags). `steps`: None is all T, fewer respaces the schedule to
     `spaced_timesteps(T, steps, spacing)`; `sampler`: "ddpm" (Algorithm 2, σ² from `resolve_variance`), "ddim"
-    (`ddim_step` with `eta`) or "dpm++2m" (`dpmpp_2m_step`); `eta` applies to DDIM only and `variance` to ancestral
+    (`ddim_step` with `eta`), "dpm++2m" (`dpmpp_2m_step`) or "dpm++2m-sde" (`dpmpp_2m_sde_step`: σ² = β̃ whatever
+    `variance` says); `eta` applies to DDIM only and `variance` to ancestral
     sampling only; `clip` clamps the predicted x_0 to [-1, 1]. `sampler` and `eta` are checked when made, the
     others where they are used (`spaced_timesteps`, `resolve_variance`)."""
     steps: int | None = None
@@ -346,7 +378,7 @@ def sample(schedule: Schedule, model: Model, shape: tuple[int, ...], settings: S
     """Images in [-1, 1] on `device` (default: the schedule's) from x_T ~ N(0, I), drawn as `settings` says, with
     any of its fields replaced by `overrides` (`sample(..., sampler="ddim", steps=50)`). On a respaced schedule the
     model still receives the original timestep indices. DDIM with η = 0 and DPM-Solver++(2M) draw nothing after
-    x_T."""
+    x_T; ancestral sampling and SDE-DPM-Solver++(2M) draw one noise tensor per step (the last one unused)."""
     s = replace(settings, **overrides)
     steps, sampler, eta, clip = s.steps, s.sampler, s.eta, s.clip
     device = torch.device(device) if device is not None else schedule.device
@@ -366,6 +398,8 @@ def sample(schedule: Schedule, model: Model, shape: tuple[int, ...], settings: S
             x = ddim_step(sched, eps, x, t, noise, eta=eta, clip=clip)
         elif sampler == "dpm++2m":
             x, x0 = dpmpp_2m_step(sched, eps, x, t, x0, clip=clip)
+        elif sampler == "dpm++2m-sde":
+            x, x0 = dpmpp_2m_sde_step(sched, eps, x, t, _randn(shape, generator, device), x0, clip=clip)
         else:
             x = p_sample_step(sched, eps, x, t, _randn(shape, generator, device), variance=variance, clip=clip)
     return x.clamp(-1.0, 1.0)

@@ -586,8 +586,8 @@ def training_scorer(cfg, device: torch.device, *, stats_cache: str | Path = "dat
 
 def summary(result: dict, path: str | Path) -> str:
     """The one line main() prints."""
-    how = {"ddpm": f"variance {result['variance']}", "ddim": f"DDIM eta {result['eta']}"}.get(
-        result.get("sampler", "ddpm"), "DPM-Solver++(2M)")
+    how = {"ddpm": f"variance {result['variance']}", "ddim": f"DDIM eta {result['eta']}",
+           "dpm++2m-sde": "SDE-DPM-Solver++(2M)"}.get(result.get("sampler", "ddpm"), "DPM-Solver++(2M)")
     how += f", {result['precision']}" if result.get("precision", "fp32") != "fp32" else ""
     how += ", x0 not clipped" if not result.get("clip", True) else ""
     spacing = f" {result['spacing']}" if result.get("spacing", "uniform") != "uniform" else ""

@@ -85,7 +85,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="sampling steps (default: all; fewer = respaced)")
     p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=d.sampler,
                    help=f"ddpm: ancestral (Algorithm 2); ddim: Song et al. 2021; dpm++2m: DPM-Solver++(2M), Lu et al. "
-                        f"2022, deterministic (default: {d.sampler})")
+                        f"2022, deterministic; dpm++2m-sde: its stochastic variant (default: {d.sampler})")
     p.add_argument("--eta", type=float, default=d.eta,
                    help=f"DDIM's η in [0, 1] (ddim only); 0 is deterministic (default: {d.eta})")
     p.add_argument("--spacing", choices=ddpm.SPACINGS, default=d.spacing,

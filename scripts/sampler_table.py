@@ -27,7 +27,8 @@ import sample  # noqa: E402
 
 SAMPLERS = {"ddpm-beta": dict(sampler="ddpm", variance="beta"), "ddpm-posterior": dict(sampler="ddpm", variance="posterior"),
             "ddim": dict(sampler="ddim", variance="auto"), "dpm++2m": dict(sampler="dpm++2m", variance="auto"),
-            "dpm++2m-quadratic": dict(sampler="dpm++2m", variance="auto", spacing="quadratic")}
+            "dpm++2m-quadratic": dict(sampler="dpm++2m", variance="auto", spacing="quadratic"),
+            "dpm++2m-sde": dict(sampler="dpm++2m-sde", variance="auto")}
 
 
 class Timed:

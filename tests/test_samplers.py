@@ -450,6 +450,136 @@ def test_dpmpp_2m_samples_have_the_data_law_at_200_steps(spacing: str) -> None:
         assert not is_within_oracle(out, data, z=10)
 
 
+# ------------------------------------------------------------ SDE-DPM-Solver++(2M): diffusers and the oracle
+
+def dpmpp_sde_scheduler(taus: list[int], *, clip: bool):
+    """dpmpp_scheduler's settings with algorithm_type="sde-dpmsolver++" (midpoint, as ours)."""
+    s = dpmpp_scheduler(taus, clip=clip)
+    s = type(s).from_config(s.config, algorithm_type="sde-dpmsolver++")
+    s.set_timesteps(timesteps=taus[::-1])
+    assert s.timesteps.tolist() == taus[::-1] and s.config.solver_type == "midpoint"
+    return s
+
+
+@pytest.mark.parametrize("spacing", ddpm.SPACINGS)
+@pytest.mark.parametrize("steps", [10, 50])
+@pytest.mark.parametrize("clip", [False, True])
+def test_every_dpmpp_2m_sde_iterate_equals_diffusers(spacing: str, steps: int, clip: bool) -> None:
+    """ddpm.sample(sampler="dpm++2m-sde") against diffusers' sde-dpmsolver++ loop given the same x_T and the same
+    noise at every step (ours drawn from the generator after x_T, one draw per step, handed to diffusers as
+    variance_noise): every x the model sees, then the output, within 2e-5 of the largest |x|. Measured at most
+    1.5e-5: both chains are float32, and each is up to 1e-4 from the same chain in float64 (toy_model's x̂_0 divides
+    by sqrt(ᾱ_t), up to 160x, which amplifies rounding); a wrong coefficient moves x by far more."""
+    taus = ddpm.spaced_timesteps(T_PAPER, steps, spacing).tolist()
+    shape, seen = (3, 2, 4, 4), []
+
+    def spy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return toy_model(x, t)
+
+    ours = ddpm.sample(SCHEDULE, spy, shape, steps=steps, sampler="dpm++2m-sde", spacing=spacing, clip=clip,
+                       generator=torch.Generator().manual_seed(5))
+    theirs = dpmpp_sde_scheduler(taus, clip=clip)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g)
+    for i, t in enumerate(theirs.timesteps):
+        assert relative_error(seen[i], x) <= 2e-5, (i, int(t), relative_error(seen[i], x))
+        z = torch.randn(shape, generator=g)
+        x = theirs.step(toy_model(x, t.expand(shape[0])), t, x, variance_noise=z).prev_sample
+    assert len(seen) == steps and relative_error(ours, x.clamp(-1, 1)) <= 2e-5
+
+
+def test_dpmpp_2m_sde_step_is_the_ancestral_posterior_step_first_and_returns_x0_last() -> None:
+    """Without a previous prediction the SDE step is the ancestral step with σ² = β̃ (the posterior's mean at
+    x̂_0 and its variance), clip or not; at t = 0 it returns x̂_0 whatever the noise and x0_prev; at t = 1
+    x0_prev changes the step (second order) and the noise enters with the posterior's σ."""
+    g = torch.Generator().manual_seed(1)
+    x, eps, prev, z = (3 * torch.randn(4, 1, 3, 3, generator=g, dtype=F64) for _ in range(4))
+    schedule = paper_schedule64()
+    for clip in (False, True):
+        for i in (0, 1, 500, T_PAPER - 1):
+            t = torch.full((4,), i, dtype=torch.long)
+            x0 = ddpm.predict_x0(schedule, eps, x, t)
+            x0 = x0.clamp(-1, 1) if clip else x0
+            out, handed_on = ddpm.dpmpp_2m_sde_step(schedule, eps, x, t, z, None, clip=clip)
+            # (unclipped, p_sample_step takes eq. 11's mean: the same in exact arithmetic)
+            torch.testing.assert_close(out, ddpm.p_sample_step(schedule, eps, x, t, z, variance="posterior",
+                                                               clip=clip), rtol=1e-9, atol=1e-9)
+            assert torch.equal(handed_on, x0)
+            if i == 0:
+                assert torch.equal(out, x0)
+                assert torch.equal(ddpm.dpmpp_2m_sde_step(schedule, eps, x, t, 5 * z, prev, clip=clip)[0], x0)
+            if i == 1:
+                assert not torch.allclose(ddpm.dpmpp_2m_sde_step(schedule, eps, x, t, z, prev, clip=clip)[0], out)
+                noise_part = (ddpm.dpmpp_2m_sde_step(schedule, eps, x, t, z, prev, clip=clip)[0]
+                              - ddpm.dpmpp_2m_sde_step(schedule, eps, x, t, 0 * z, prev, clip=clip)[0])
+                torch.testing.assert_close(noise_part, schedule.posterior_variance[1].sqrt() * z)
+
+
+def dpmpp_sde_law(taus: list[int]) -> tuple[float, float]:
+    """(mean, variance) of the SDE solver's output for data N(MU, S²) with the exact ε: every quantity is affine in
+    x_T and the step noises z_i (independent N(0, 1)), carried as its coefficients [x_T, z_{S-1}, ..., z_0, 1]; the
+    recursion is diffusers' form (e^{-h}, e^{-2h}), in float64, independently of ddpm.py's."""
+    n = len(taus)
+    unit = np.eye(n + 2)
+    x, x0_prev, lam_prev = unit[0], None, None
+    for k, i in enumerate(reversed(range(n))):
+        ab = REF_AC[taus[i]]
+        alpha, sigma = math.sqrt(ab), math.sqrt(1 - ab)
+        eps = sigma / (ab * S ** 2 + 1 - ab) * (x - alpha * MU * unit[-1])
+        x0 = (x - sigma * eps) / alpha
+        if i == 0:
+            return x0[-1], float((x0[:-1] ** 2).sum())
+        alpha_to, sigma_to = math.sqrt(REF_AC[taus[i - 1]]), math.sqrt(1 - REF_AC[taus[i - 1]])
+        lam = math.log(alpha / sigma)
+        h = math.log(alpha_to / sigma_to) - lam
+        d = x0 if x0_prev is None else x0 + h / (2 * (lam - lam_prev)) * (x0 - x0_prev)
+        x = (sigma_to / sigma * math.exp(-h) * x + alpha_to * (1 - math.exp(-2 * h)) * d
+             + sigma_to * math.sqrt(1 - math.exp(-2 * h)) * unit[1 + k])
+        x0_prev, lam_prev = x0, lam
+
+
+# The law's error, (mean - MU, σ - S) for data N(0.2, 0.3²), float64, as measured (the SDE contracts the prior's
+# mean error of 3.8e-4 that the ODE solvers keep; 1,000 steps visit every timestep, whatever the spacing):
+#              20 steps                50 steps               200 steps              1000 steps
+#   uniform    -7.3e-7, +1.8e-1 (60%)  -7.3e-7, +8.7e-2 (29%) -7.3e-7, +8.9e-3 (3.0%) -7.3e-7, +2.0e-4 (0.07%)
+#   quadratic  -7.3e-7, +3.2e-2 (11%)  -7.3e-7, +4.4e-3 (1.5%) -7.3e-7, +2.1e-4 (0.07%)
+#   leading    -1.9e-6, +1.7e-1 (58%)  -1.1e-6, +8.5e-2 (28%) -7.9e-7, +8.9e-3 (3.0%)
+#   trailing   -7.3e-7, -4.5e-2 (-15%) -7.3e-7, +3.8e-3 (1.3%) -7.3e-7, +3.0e-3 (1.0%)
+# On this narrow data the SDE solver needs more steps than the ODE solver (dpmpp_law: 30% at 20 uniform steps, 0.74%
+# at 200): the noise it adds at each step is removed only as far as the extrapolated x̂_0 allows. Quadratic
+# spacing is again the closest at few steps.
+SDE_LAW_STEPS = (20, 50, 200, 1000)
+
+
+@pytest.mark.parametrize("spacing", ddpm.SPACINGS)
+def test_dpmpp_2m_sde_law_converges_to_the_data_law_as_steps_grow(spacing: str) -> None:
+    """The output law's error in σ shrinks from 20 to 50 to 200 to 1,000 steps; at 1,000 steps the law is the
+    data's within 0.1% in σ and 1e-5 in mean, at 200 within 3.5% in σ."""
+    errors = []
+    for steps in SDE_LAW_STEPS:
+        mean, var = dpmpp_sde_law(ddpm.spaced_timesteps(T_PAPER, steps, spacing).tolist())
+        errors.append(abs(math.sqrt(var) - S))
+        if steps == 200:
+            assert abs(math.sqrt(var) - S) <= 0.035 * S, math.sqrt(var) - S
+        if steps == 1000:
+            assert abs(mean - MU) <= 1e-5 and abs(math.sqrt(var) - S) <= 1e-3 * S, (mean - MU, math.sqrt(var) - S)
+    assert all(fine < coarse for coarse, fine in zip(errors, errors[1:])), errors
+
+
+@pytest.mark.parametrize("steps, spacing", [(20, "uniform"), (20, "quadratic"), (50, "trailing"), (1000, "uniform")])
+def test_dpmpp_2m_sde_samples_have_the_oracle_law(steps: int, spacing: str) -> None:
+    """The sampler's output: within Z standard errors of its exact law; at 1,000 steps of the data law too, and at
+    20 uniform steps more than 10 standard errors from it (so the check at 1,000 steps can fail)."""
+    mean, var = dpmpp_sde_law(ddpm.spaced_timesteps(T_PAPER, steps, spacing).tolist())
+    _, out = oracle_run(steps, spacing, sampler="dpm++2m-sde")
+    assert is_within_oracle(out, (mean, var)), (out.mean().item(), out.var().item(), mean, var)
+    if steps == 1000:
+        assert is_within_oracle(out, (MU, S ** 2))
+    if (steps, spacing) == (20, "uniform"):
+        assert not is_within_oracle(out, (MU, S ** 2), z=10)
+
+
 # ------------------------------------------------------------------------ determinism and original timesteps
 
 def run_with_reseed(sampler: str, eta: float, reseed: bool) -> torch.Tensor:
@@ -468,7 +598,7 @@ def run_with_reseed(sampler: str, eta: float, reseed: bool) -> torch.Tensor:
 def test_ddim_eta0_and_dpmpp_2m_are_deterministic_given_x_T() -> None:
     for sampler in ("ddim", "dpm++2m"):
         assert torch.equal(run_with_reseed(sampler, 0.0, False), run_with_reseed(sampler, 0.0, True)), sampler
-    for sampler, eta in (("ddim", 0.5), ("ddpm", 0.0)):  # samplers that do draw later: the reseed shows
+    for sampler, eta in (("ddim", 0.5), ("ddpm", 0.0), ("dpm++2m-sde", 0.0)):  # samplers that draw later
         assert not torch.equal(run_with_reseed(sampler, eta, False), run_with_reseed(sampler, eta, True))
     other_x_T = ddpm.sample(SCHEDULE, toy_model, (2, 1, 4, 4), steps=10, sampler="ddim",
                             generator=torch.Generator().manual_seed(4))
@@ -476,7 +606,8 @@ def test_ddim_eta0_and_dpmpp_2m_are_deterministic_given_x_T() -> None:
 
 
 @pytest.mark.parametrize("sampler, spacing", [("ddim", "quadratic"), ("ddim", "trailing"), ("ddpm", "quadratic"),
-                                              ("ddim", "uniform"), ("dpm++2m", "quadratic"), ("dpm++2m", "leading")])
+                                              ("ddim", "uniform"), ("dpm++2m", "quadratic"), ("dpm++2m", "leading"),
+                                              ("dpm++2m-sde", "trailing")])
 def test_respaced_samplers_pass_original_timesteps_to_the_model(sampler: str, spacing: str) -> None:
     calls = []
 
