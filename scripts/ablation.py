@@ -6,10 +6,14 @@ scored the same way. One JSON line per row (appended to --out), with the exact c
 
 Every row trains configs/fashion-mnist-cpu.yaml with the row's overrides for --steps optimizer steps
 (train.max_steps; the lr schedule ends there) on one thread, with no grids and no FID during training, then
-scores the EMA weights with `evaluate.py --features fashion-mnist` (2,000 samples, ancestral 20 steps, σ² = β̃,
-seed 0). The rows change neither the model nor the batch, so an equal number of steps is an equal number of
-minutes: the training time of each row is recorded to show it. Two rows named on one command line run side by
-side, one thread each.
+scores the EMA weights with `evaluate.py --features fashion-mnist` (2,000 samples, seed 0; ancestral 20 steps,
+σ² = β̃, or with --score dpm++2m-sde:10 SDE-DPM-Solver++(2M) at 10 steps, the second round's). The first round's
+rows change neither the model nor the batch, so an equal number of steps is an equal number of minutes; a second
+round row with batch 32 runs twice the steps (the same images), and one with another model may cost more per
+image: the training time of each row is recorded to show what it cost. Two rows named on one command line run
+side by side, one thread each:
+
+    python scripts/ablation.py --rows mult1222 batch32 --steps 500 --score dpm++2m-sde:10
 """
 from __future__ import annotations
 
@@ -38,20 +42,36 @@ ROWS = {
     "all": OLD + ["train.lr_schedule=cosine", "train.lr=2e-3"] + WARMUP + ["train.loss_weighting=min_snr"],
     "cosine-warmup": OLD + ["train.lr_schedule=cosine", "train.lr=2e-3"] + WARMUP,
 }
-SCORE = ["--features", "fashion-mnist", "--num-samples", "2000", "--sampler", "ddpm", "--steps", "20", "--seed", "0"]
+# The second round: from the recipe (the `all` row), the model's depth and the batch, at an equal number of images.
+ROWS |= {
+    "mult1222": ROWS["all"] + ["model.channel_mult=[1,2,2,2]"],
+    "batch32": ROWS["all"] + ["train.batch_size=32"],
+    "batch32-mult1222": ROWS["all"] + ["train.batch_size=32", "model.channel_mult=[1,2,2,2]"],
+    "batch16": ROWS["all"] + ["train.batch_size=16"],
+}
+BATCH = 64  # the recipe's; a row with another train.batch_size runs --steps * 64 / batch steps: the same images
+SCORE = ["--features", "fashion-mnist", "--num-samples", "2000", "--seed", "0"]
+SCORERS = {"ddpm:20": ["--sampler", "ddpm", "--steps", "20"],  # the first round's
+           "dpm++2m-sde:10": ["--sampler", "dpm++2m-sde", "--steps", "10"]}
 FID_LINE = re.compile(r"classifier features\): ([0-9.]+) \(real-data floor ([0-9.]+) at (\d+) images, ratio ([0-9.]+)\)")
 
 
-def commands(name: str, steps: int, seed: int) -> tuple[list[str], list[str], str]:
+def row_steps(name: str, steps: int) -> int:
+    """`steps` at the recipe's batch of 64, as many images at the row's batch."""
+    batch = next((int(o.split("=")[1]) for o in ROWS[name] if o.startswith("train.batch_size=")), BATCH)
+    return steps * BATCH // batch
+
+
+def commands(name: str, steps: int, seed: int, scorer: str = "ddpm:20") -> tuple[list[str], list[str], str]:
     out = f"runs/ablation/{name}-s{steps}-seed{seed}"
-    train = [sys.executable, "train.py", "--config", PRESET, f"out_dir={out}", f"seed={seed}", f"train.max_steps={steps}",
-             *BASE, *ROWS[name]]  # no --fresh: a row stopped by a signal resumes where it stopped
-    score = [sys.executable, "evaluate.py", "--checkpoint", f"{out}/checkpoint.pt", *SCORE]
+    train = [sys.executable, "train.py", "--config", PRESET, f"out_dir={out}", f"seed={seed}",
+             f"train.max_steps={row_steps(name, steps)}", *BASE, *ROWS[name]]  # no --fresh: a stopped row resumes
+    score = [sys.executable, "evaluate.py", "--checkpoint", f"{out}/checkpoint.pt", *SCORE, *SCORERS[scorer]]
     return train, score, out
 
 
-def run_row(name: str, steps: int, seed: int, out: Path) -> None:
-    train, score, folder = commands(name, steps, seed)
+def run_row(name: str, steps: int, seed: int, out: Path, scorer: str = "ddpm:20") -> None:
+    train, score, folder = commands(name, steps, seed, scorer)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     t0 = time.perf_counter()
     subprocess.run(train, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -63,7 +83,7 @@ def run_row(name: str, steps: int, seed: int, out: Path) -> None:
     if m is None:
         raise SystemExit(f"error: no FID line in evaluate.py's output: {result.stdout[-300:]}")
     history = (ROOT / folder / "history.csv").read_text().splitlines()
-    row = {"row": name, "seed": seed, "steps": steps, "fid": float(m[1]), "floor": float(m[2]),
+    row = {"row": name, "seed": seed, "steps": steps, "scorer": scorer, "fid": float(m[1]), "floor": float(m[2]),
            "num_samples": int(m[3]), "ratio": float(m[4]), "train_s": round(train_s, 1), "score_s": round(score_s, 1),
            "last_history_row": history[-1], "train_cmd": " ".join(train[1:]), "score_cmd": " ".join(score[1:]),
            "date": time.strftime("%Y-%m-%d"), "threads": 1}
@@ -74,13 +94,13 @@ def run_row(name: str, steps: int, seed: int, out: Path) -> None:
 
 def table(path: Path) -> str:
     """The markdown table of docs/quality.md from the JSON lines at `path`, in the order they were measured."""
-    lines = ["| row | seed | changes from the old recipe | FID @ 2,000 | × floor | EMA loss | loss |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | seed | changes from the old recipe | scored with | FID @ 2,000 | × floor | EMA loss | loss |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in map(json.loads, path.read_text().splitlines()):
         changes = " ".join(o for o in ROWS[r["row"]] if o not in OLD) or "none"
         _, _, loss, ema_loss, *_ = r["last_history_row"].split(",")
-        lines.append(f"| {r['row']} | {r['seed']} | `{changes}` | **{r['fid']:.1f}** | {r['ratio']:.0f} | "
-                     f"{float(ema_loss):.4f} | {float(loss):.4f} |")
+        lines.append(f"| {r['row']} | {r['seed']} | `{changes}` | {r.get('scorer', 'ddpm:20')} | **{r['fid']:.1f}** | "
+                     f"{r['ratio']:.0f} | {float(ema_loss):.4f} | {float(loss):.4f} |")
     return "\n".join(lines)
 
 
@@ -90,16 +110,18 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="print the markdown table of --out instead")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--score", choices=sorted(SCORERS), default="ddpm:20",
+                   help="the sampler that scores the rows (default: the first round's)")
     p.add_argument("--out", type=Path, default=ROOT / "docs/quality/ablation.jsonl")
     args = p.parse_args()
     if args.table or not args.rows:
         print(table(args.out))
         return
     if len(args.rows) == 1:
-        run_row(args.rows[0], args.steps, args.seed, args.out)
+        run_row(args.rows[0], args.steps, args.seed, args.out, args.score)
         return
     procs = [subprocess.Popen([sys.executable, __file__, "--rows", r, "--steps", str(args.steps), "--seed",
-                               str(args.seed), "--out", str(args.out)]) for r in args.rows]
+                               str(args.seed), "--out", str(args.out), "--score", args.score]) for r in args.rows]
     sys.exit(max(p.wait() for p in procs))
 
 
