@@ -216,18 +216,24 @@ def _alpha_sigma(schedule: Schedule, k: Tensor, shape: torch.Size) -> tuple[Tens
     return alpha.masked_fill(before_first, 1.0), sigma.masked_fill(before_first, 0.0)
 
 
-def _dpmpp_2m_data(schedule: Schedule, x0: Tensor, x0_prev: Tensor | None, t: Tensor) -> Tensor:
-    """DPM-Solver++(2M)'s data term D for the step t -> t - 1 (Lu et al. 2022, Algorithm 2; the same D in its SDE
-    variant, §5 and App. B): D = x̂_0 + (h / 2h') (x̂_0 - x0_prev) with h = λ_{t-1} - λ_t, h' = λ_t - λ_{t+1}
-    (Algorithm 2's r = h' / h), λ = log(α / σ); first order, D = x̂_0, without `x0_prev` and at t = 0 (h = ∞)."""
-    shape = x0.shape
+def _dpmpp_2m_data(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, x0_prev: Tensor | None,
+                   clip: bool) -> tuple[Tensor, Tensor]:
+    """(x̂_0, D) for DPM-Solver++(2M)'s step t -> t - 1 (Lu et al. 2022, Algorithm 2; the same D in its SDE variant,
+    §5): x̂_0 = `predict_x0` (clamped to [-1, 1] with `clip`) and D = x̂_0 + (h / 2h') (x̂_0 - x0_prev) with
+    h = λ_{t-1} - λ_t, h' = λ_t - λ_{t+1} (Algorithm 2's r = h' / h), λ = log(α / σ); first order, D = x̂_0,
+    without `x0_prev` and at t = 0 (h = ∞)."""
+    assert eps.shape == x_t.shape, (eps.shape, x_t.shape)
+    shape = x_t.shape
+    x0 = predict_x0(schedule, eps, x_t, t)
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
     if x0_prev is None:
-        return x0
+        return x0, x0
     assert x0_prev.shape == shape, (x0_prev.shape, shape)
     assert (t + 1 < schedule.num_timesteps).all(), "x0_prev is the prediction at t + 1, which must exist"
     lam_from, lam, lam_to = (a.log() - s.log() for a, s in (_alpha_sigma(schedule, k, shape) for k in (t + 1, t, t - 1)))
     second = x0 + (lam_to - lam) / (2 * (lam - lam_from)) * (x0 - x0_prev)  # not finite at t = 0 (λ_{-1} = ∞)
-    return torch.where(t.reshape(-1, *([1] * (len(shape) - 1))) > 0, second, x0)
+    return x0, torch.where(t.reshape(-1, *([1] * (len(shape) - 1))) > 0, second, x0)
 
 
 def dpmpp_2m_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, x0_prev: Tensor | None = None, *,
@@ -250,14 +256,9 @@ def dpmpp_2m_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, x0_pr
     is not clamped (it may leave [-1, 1] by h / 2h' times the change). diffusers' DPMSolverMultistepScheduler has no
     clip option; its `thresholding=True` with the default `sample_max_value=1.0` reduces to this same clamp (the
     dynamic threshold s is clamped to [1, sample_max_value] = 1, and x̂_0 is clamped to [-s, s] and divided by s)."""
-    assert eps.shape == x_t.shape, (eps.shape, x_t.shape)
-    shape = x_t.shape
-    x0 = predict_x0(schedule, eps, x_t, t)
-    if clip:
-        x0 = x0.clamp(-1.0, 1.0)
-    alpha, sigma = _alpha_sigma(schedule, t, shape)
-    alpha_to, sigma_to = _alpha_sigma(schedule, t - 1, shape)
-    d = _dpmpp_2m_data(schedule, x0, x0_prev, t)
+    x0, d = _dpmpp_2m_data(schedule, eps, x_t, t, x0_prev, clip)
+    alpha, sigma = _alpha_sigma(schedule, t, x_t.shape)
+    alpha_to, sigma_to = _alpha_sigma(schedule, t - 1, x_t.shape)
     return alpha_to * d + sigma_to * (x_t - alpha * d) / sigma, x0
 
 
@@ -272,14 +273,10 @@ def dpmpp_2m_sde_step(schedule: Schedule, eps: Tensor, x_t: Tensor, t: Tensor, n
     ancestral step with σ² = β̃ (`p_sample_step(..., variance="posterior")`); the solver replaces x̂_0 in the
     posterior mean by the extrapolated D. At t = 0 it goes to ᾱ = 1 (σ = 0, e^{-h} = 0) and returns x̂_0; `noise`
     (z ~ N(0, I), x's shape) is unused there. `clip` as in `dpmpp_2m_step`."""
-    assert eps.shape == x_t.shape == noise.shape, (eps.shape, x_t.shape, noise.shape)
-    shape = x_t.shape
-    x0 = predict_x0(schedule, eps, x_t, t)
-    if clip:
-        x0 = x0.clamp(-1.0, 1.0)
-    alpha, sigma = _alpha_sigma(schedule, t, shape)
-    alpha_to, sigma_to = _alpha_sigma(schedule, t - 1, shape)
-    d = _dpmpp_2m_data(schedule, x0, x0_prev, t)
+    assert noise.shape == x_t.shape, (noise.shape, x_t.shape)
+    x0, d = _dpmpp_2m_data(schedule, eps, x_t, t, x0_prev, clip)
+    alpha, sigma = _alpha_sigma(schedule, t, x_t.shape)
+    alpha_to, sigma_to = _alpha_sigma(schedule, t - 1, x_t.shape)
     decay = alpha * sigma_to / (sigma * alpha_to)  # e^{-h}; 0 at t = 0
     keep = 1.0 - decay ** 2  # 1 - e^{-2h} in (0, 1]
     return decay * (sigma_to / sigma) * x_t + alpha_to * keep * d + sigma_to * keep.sqrt() * noise, x0

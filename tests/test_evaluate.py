@@ -517,5 +517,9 @@ def test_cli_missing_training_set(setup: dict, tmp_path: Path, monkeypatch, caps
 
 
 def test_summary_is_one_labelled_line(setup: dict) -> None:
-    line = ev.summary(run_eval(setup), "run/eval.json")
+    result = run_eval(setup)
+    line = ev.summary(result, "run/eval.json")
     assert "\n" not in line and line.startswith("FID ") and "NOT comparable" in line and "16 samples, 5 steps" in line
+    names = {s: ev.summary({**result, "sampler": s}, "run/eval.json") for s in ("dpm++2m", "dpm++2m-sde")}
+    assert "DPM-Solver++(2M)" in names["dpm++2m"] and "SDE-" not in names["dpm++2m"]
+    assert "SDE-DPM-Solver++(2M)" in names["dpm++2m-sde"]  # the summary names the sampler that made the samples

@@ -299,6 +299,20 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max()).item()
 
 
+def watched_sample(sampler: str, steps: int, spacing: str, clip: bool,
+                   shape: tuple[int, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(every x toy_model saw, the output) of ddpm.sample with `sampler`, generator seed 5."""
+    seen = []
+
+    def spy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return toy_model(x, t)
+
+    out = ddpm.sample(SCHEDULE, spy, shape, steps=steps, sampler=sampler, spacing=spacing, clip=clip,
+                      generator=torch.Generator().manual_seed(5))
+    return seen, out
+
+
 @pytest.mark.parametrize("spacing", ddpm.SPACINGS)
 @pytest.mark.parametrize("steps", [10, 50])
 @pytest.mark.parametrize("clip", [False, True])
@@ -307,14 +321,8 @@ def test_every_dpmpp_2m_iterate_equals_diffusers(spacing: str, steps: int, clip:
     x̂_0 leaves [-1, 1] often but not always) and x_T: every x the model sees, then the output, within 1e-5 of
     the largest |x| (diffusers computes in float32, its ᾱ by a float32 cumprod; measured at most 5.3e-6)."""
     taus = ddpm.spaced_timesteps(T_PAPER, steps, spacing).tolist()
-    shape, seen = (3, 2, 4, 4), []
-
-    def spy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        seen.append(x.clone())
-        return toy_model(x, t)
-
-    ours = ddpm.sample(SCHEDULE, spy, shape, steps=steps, sampler="dpm++2m", spacing=spacing, clip=clip,
-                       generator=torch.Generator().manual_seed(5))
+    shape = (3, 2, 4, 4)
+    seen, ours = watched_sample("dpm++2m", steps, spacing, clip, shape)
     theirs = dpmpp_scheduler(taus, clip=clip)
     x, clipped = torch.randn(shape, generator=torch.Generator().manual_seed(5)), 0  # x_T as ddpm.sample draws it
     for i, t in enumerate(theirs.timesteps):
@@ -471,14 +479,8 @@ def test_every_dpmpp_2m_sde_iterate_equals_diffusers(spacing: str, steps: int, c
     1.5e-5: both chains are float32, and each is up to 1e-4 from the same chain in float64 (toy_model's x̂_0 divides
     by sqrt(ᾱ_t), up to 160x, which amplifies rounding); a wrong coefficient moves x by far more."""
     taus = ddpm.spaced_timesteps(T_PAPER, steps, spacing).tolist()
-    shape, seen = (3, 2, 4, 4), []
-
-    def spy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        seen.append(x.clone())
-        return toy_model(x, t)
-
-    ours = ddpm.sample(SCHEDULE, spy, shape, steps=steps, sampler="dpm++2m-sde", spacing=spacing, clip=clip,
-                       generator=torch.Generator().manual_seed(5))
+    shape = (3, 2, 4, 4)
+    seen, ours = watched_sample("dpm++2m-sde", steps, spacing, clip, shape)
     theirs = dpmpp_sde_scheduler(taus, clip=clip)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=g)
