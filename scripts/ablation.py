@@ -58,6 +58,8 @@ ROWS |= {
     "batch16-mult1222": RECIPE + ["train.batch_size=16"],
     "mult1122": RECIPE + ["model.channel_mult=[1,1,2,2]"],
     "mult1124": RECIPE + ["model.channel_mult=[1,1,2,4]"],
+    "batch16-mult1222-lr1e-3": RECIPE + ["train.batch_size=16", "train.lr=1e-3"],
+    "batch8-mult1222": RECIPE + ["train.batch_size=8"],
 }
 SPEED = {"model.channel_mult=[1,1,2,2]": 64.0 / 46.7, "model.channel_mult=[1,1,2,4]": 56.4 / 46.7}
 BATCH = 64  # the first round's; a row with another train.batch_size runs --steps * 64 / batch steps: the same images
