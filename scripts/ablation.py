@@ -10,7 +10,8 @@ scores the EMA weights with `evaluate.py --features fashion-mnist` (2,000 sample
 σ² = β̃, or with --score dpm++2m-sde:10 SDE-DPM-Solver++(2M) at 10 steps, the second round's). The first round's
 rows change neither the model nor the batch, so an equal number of steps is an equal number of minutes; a second
 round row with batch 32 runs twice the steps (the same images), and one with another model may cost more per
-image: the training time of each row is recorded to show what it cost. Two rows named on one command line run
+image: the training time of each row is recorded to show what it cost. The third round's cheaper models (SPEED)
+run more steps, for equal minutes. Two rows named on one command line run
 side by side, one thread each:
 
     python scripts/ablation.py --rows mult1222 batch32 --steps 500 --score dpm++2m-sde:10
