@@ -11,8 +11,7 @@ scores the EMA weights with `evaluate.py --features fashion-mnist` (2,000 sample
 rows change neither the model nor the batch, so an equal number of steps is an equal number of minutes; a second
 round row with batch 32 runs twice the steps (the same images), and one with another model may cost more per
 image: the training time of each row is recorded to show what it cost. The third round's cheaper models (SPEED)
-run more steps, for equal minutes. Two rows named on one command line run
-side by side, one thread each:
+run more steps, for equal minutes. Two rows named on one command line run side by side, one thread each:
 
     python scripts/ablation.py --rows mult1222 batch32 --steps 500 --score dpm++2m-sde:10
 """
@@ -52,7 +51,7 @@ ROWS |= {
 }
 # The third round: from the recipe (batch32-mult1222), at an equal number of minutes. A model that is cheaper per
 # image runs more steps in them: SPEED is its training images/s over the recipe model's, measured at batch 32 on one
-# core of the EPYC of docs/quality.md (forward, backward and Adam step of the UNet alone: 64.0 and 56.4 against 46.7).
+# core of the EPYC of docs/quality.md by scripts/exploration/unet_speed.py (64.0 and 56.4 against 46.7).
 RECIPE = ROWS["batch32-mult1222"]
 ROWS |= {
     "lr4e-3": RECIPE + ["train.lr=4e-3"],
@@ -62,7 +61,7 @@ ROWS |= {
     "batch16-mult1222-lr1e-3": RECIPE + ["train.batch_size=16", "train.lr=1e-3"],
     "batch8-mult1222": RECIPE + ["train.batch_size=8"],
 }
-SPEED = {"model.channel_mult=[1,1,2,2]": 64.0 / 46.7, "model.channel_mult=[1,1,2,4]": 56.4 / 46.7}
+SPEED = {"[1,1,2,2]": 64.0 / 46.7, "[1,1,2,4]": 56.4 / 46.7}  # by model.channel_mult
 BATCH = 64  # the first round's; a row with another train.batch_size runs --steps * 64 / batch steps: the same images
 SCORE = ["--features", "fashion-mnist", "--num-samples", "2000", "--seed", "0"]
 SCORERS = {"ddpm:20": ["--sampler", "ddpm", "--steps", "20"],  # the first round's
@@ -70,12 +69,17 @@ SCORERS = {"ddpm:20": ["--sampler", "ddpm", "--steps", "20"],  # the first round
 FID_LINE = re.compile(r"classifier features\): ([0-9.]+) \(real-data floor ([0-9.]+) at (\d+) images, ratio ([0-9.]+)\)")
 
 
+def settings(overrides: list[str]) -> dict[str, str]:
+    """key -> value of `overrides`, the last of a key winning, as train.py applies them."""
+    return dict(o.split("=", 1) for o in overrides)
+
+
 def row_steps(name: str, steps: int) -> int:
     """`steps` at the first round's batch of 64, as many images at the row's batch; a cheaper model (SPEED) runs as
     many more as fit in the same minutes."""
-    batch = [int(o.split("=")[1]) for o in ROWS[name] if o.startswith("train.batch_size=")][-1:] or [BATCH]
-    speed = max([SPEED[o] for o in ROWS[name] if o in SPEED] or [1.0])
-    return round(steps * BATCH / batch[0] * speed)
+    row = settings(ROWS[name])
+    speed = SPEED.get(row.get("model.channel_mult", ""), 1.0)
+    return round(steps * BATCH / int(row.get("train.batch_size", BATCH)) * speed)
 
 
 def commands(name: str, steps: int, seed: int, scorer: str = "ddpm:20") -> tuple[list[str], list[str], str]:
@@ -113,7 +117,8 @@ def table(path: Path) -> str:
     lines = ["| row | seed | changes from the old recipe | scored with | FID @ 2,000 | × floor | EMA loss | loss |",
              "|---|---|---|---|---|---|---|---|"]
     for r in map(json.loads, path.read_text().splitlines()):
-        changes = " ".join(o for o in ROWS[r["row"]] if o not in OLD) or "none"
+        old = settings(OLD)
+        changes = " ".join(f"{k}={v}" for k, v in settings(ROWS[r["row"]]).items() if old.get(k) != v) or "none"
         _, _, loss, ema_loss, *_ = r["last_history_row"].split(",")
         lines.append(f"| {r['row']} | {r['seed']} | `{changes}` | {r.get('scorer', 'ddpm:20')} | **{r['fid']:.1f}** | "
                      f"{r['ratio']:.0f} | {float(ema_loss):.4f} | {float(loss):.4f} |")
