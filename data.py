@@ -330,8 +330,9 @@ def dataset_id(folder: str | Path) -> str:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def load_dataset(path: str | Path, subset: int | None = None) -> Tensor:
-    """uint8 (N, C, H, W) from a dataset folder (its train.npy) or a .npy file; `subset`: the first N images."""
+def load_dataset(path: str | Path, subset: int | None = None, crop: int = 0) -> Tensor:
+    """uint8 (N, C, H, W) from a dataset folder (its train.npy) or a .npy file; `subset`: the first N images;
+    `crop`: pixels cut from each side (data.crop), so (N, C, H - 2 crop, W - 2 crop)."""
     p = Path(path)
     p = p / "train.npy" if p.is_dir() else p
     try:
@@ -343,7 +344,10 @@ def load_dataset(path: str | Path, subset: int | None = None) -> Tensor:
                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
     if subset is not None and not 1 <= subset <= len(x):
         raise DataError(f"{p}: subset {subset} is not in [1, {len(x)}]")
-    return torch.from_numpy(np.array(x[:subset]))  # a copy: the memory map stays read-only
+    if not 0 <= 2 * crop < min(x.shape[2:]):
+        raise DataError(f"{p}: cannot crop {crop} pixels from each side of {x.shape[2]}x{x.shape[3]} images")
+    h, w = x.shape[2:]
+    return torch.from_numpy(np.array(x[:subset, :, crop:h - crop, crop:w - crop]))  # a copy: the map stays read-only
 
 
 def load_labels(path: str | Path) -> Tensor:

@@ -54,8 +54,10 @@ class Classifier(nn.Module):
 
 
 def to_input(images: Tensor, crop: int = RECIPE["crop"]) -> Tensor:
-    """uint8 (B, C, 32, 32), C = 1 or 3 identical channels -> float (B, 1, 28, 28) in [-1, 1], the padding cut."""
+    """uint8 (B, C, 32, 32), C = 1 or 3 identical channels -> float (B, 1, 28, 28) in [-1, 1], the padding cut;
+    images already 28x28 (a model trained with data.crop 2) are taken whole."""
     assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] in (1, 3), (images.dtype, images.shape)
+    crop = 0 if images.shape[2:] == (28, 28) else crop
     x = images[:, :1, crop:images.shape[2] - crop, crop:images.shape[3] - crop]
     return x.float() / 127.5 - 1.0
 
@@ -110,7 +112,7 @@ def train_classifier(images: Tensor, labels: Tensor, recipe: dict = RECIPE, *, p
 
 @torch.no_grad()
 def predict(model: Classifier, images: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
-    """Features (N, F) and logits (N, 10), float32, of uint8 images (N, C, 32, 32)."""
+    """Features (N, F) and logits (N, 10), float32, of uint8 images (N, C, 32, 32) or (N, C, 28, 28)."""
     outs = [model(to_input(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
     return torch.cat([f for f, _ in outs]), torch.cat([z for _, z in outs])
 
@@ -128,7 +130,7 @@ def class_coverage(logits: np.ndarray | Tensor) -> float:
 
 
 class FashionMNISTExtractor:
-    """evaluate.py's Extractor: uint8 (B, C, 32, 32) -> (features (B, 128), logits (B, 10)). `name` keys the stats
+    """evaluate.py's Extractor: uint8 (B, C, 32, 32) or (B, C, 28, 28) -> (features (B, 128), logits (B, 10)). `name` keys the stats
     cache, so statistics of one classifier are never used with another."""
 
     def __init__(self, model: Classifier, key: str, test_accuracy: float):

@@ -368,7 +368,7 @@ def load_images(cfg: Config, dist: Dist) -> tuple[Tensor, Path]:
         data.ensure_prepared(cfg.data)
     dist.barrier()
     data_dir = Path("data") / cfg.data.dataset
-    images = data.load_dataset(data_dir, cfg.data.subset)
+    images = data.load_dataset(data_dir, cfg.data.subset, crop=cfg.data.crop)
     batch = cfg.train.batch_size
     if len(images) < batch:
         raise ConfigError(f"data.subset: {len(images)} images are fewer than train.batch_size {batch}")
@@ -468,7 +468,7 @@ def prepare(cfg: Config, *, fresh: bool = False, progress: bool = True) -> tuple
             state.restore(saved)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}; pass --fresh to start over") from None
-    held = ddpm.from_uint8(data.load_dataset(data_dir / "test.npy")[:256]).to(device)
+    held = ddpm.from_uint8(data.load_dataset(data_dir / "test.npy", 256, crop=cfg.data.crop)).to(device)
     held_t, held_noise = ddpm.draw_t_noise(parts.schedule, held.shape, device=device,
                                            generator=torch.Generator(device).manual_seed(derive_seed(cfg.seed, 4)))
     ckpt = Checkpointer(path, dist, saved["step"] if saved else None)
