@@ -41,7 +41,8 @@ from unet import UNet
 
 HISTORY_FIELDS = ["epoch", "step", "loss", "ema_loss", "lr", "images_per_sec", "wall_time_s", "fid", "class_coverage",
                   "fid_time_s"]  # the last three only in epochs with eval.every_epochs
-OUTPUTS = ("checkpoint.pt", "metrics.json", "history.csv", "samples")  # what --fresh removes
+OUTPUTS = ("checkpoint.pt", "metrics.json", "history.csv", "samples", "eval")  # what --fresh removes: eval/ holds
+# evaluate.py's records and sample shards of the old weights
 
 
 class TrainError(Exception):
@@ -468,7 +469,7 @@ def prepare(cfg: Config, *, fresh: bool = False, progress: bool = True) -> tuple
             state.restore(saved)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}; pass --fresh to start over") from None
-    held = ddpm.from_uint8(data.load_dataset(data_dir / "test.npy", 256, crop=cfg.data.crop)).to(device)
+    held = ddpm.from_uint8(data.load_dataset(data_dir / "test.npy", crop=cfg.data.crop)[:256]).to(device)
     held_t, held_noise = ddpm.draw_t_noise(parts.schedule, held.shape, device=device,
                                            generator=torch.Generator(device).manual_seed(derive_seed(cfg.seed, 4)))
     ckpt = Checkpointer(path, dist, saved["step"] if saved else None)

@@ -91,6 +91,10 @@ REFUSED = {
     "beta-end-one": (None, ["diffusion.beta_end=1"], "diffusion.beta_end"),
     "unknown-dataset": (None, ["data.dataset=mnist"], "data.dataset"),
     "bad-md5": (None, ["data.md5=abc"], "data.md5"),
+    "crop-negative": (None, ["data.crop=-1"], "data.crop"),
+    "crop-everything": (None, ["data.crop=16"], "data.crop"),
+    "crop-breaks-the-levels": (None, ["data.crop=2", "model.channel_mult=[1,2,2,2]"],  # 28 is not divisible by 8
+                               "model: image_size 28 is not divisible by 2^(len(channel_mult) - 1) = 8 (data.crop 2)"),
 }
 
 

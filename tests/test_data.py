@@ -357,6 +357,17 @@ def test_load_dataset(tmp_path: Path) -> None:
         data.load_dataset(tmp_path, subset=8)
 
 
+def test_load_dataset_crops_each_side(tmp_path: Path) -> None:
+    """data.crop: 2 pixels cut from each side of Fashion-MNIST's padded 32x32 give back its 28x28 images."""
+    x = np.random.default_rng(0).integers(0, 256, (5, 1, 8, 6), dtype=np.uint8)
+    np.save(tmp_path / "train.npy", x)
+    assert torch.equal(data.load_dataset(tmp_path, crop=1), torch.from_numpy(x[:, :, 1:7, 1:5]))
+    assert torch.equal(data.load_dataset(tmp_path, 2, crop=2), torch.from_numpy(x[:2, :, 2:6, 2:4]))
+    assert torch.equal(data.load_dataset(tmp_path, crop=0), torch.from_numpy(x))
+    with pytest.raises(DataError, match="cannot crop 3 pixels from each side of 8x6 images"):
+        data.load_dataset(tmp_path, crop=3)
+
+
 @pytest.mark.parametrize("content", [np.zeros((2, 1, 4, 4), np.float32), np.zeros((2, 4, 4), np.uint8),
                                      np.array([{}], dtype=object), b"not a npy file", None],
                          ids=["float32", "3d", "pickled", "garbage", "missing"])

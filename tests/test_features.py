@@ -62,6 +62,8 @@ def test_the_recipe_reaches_its_accuracy_and_is_cached(extractor, fmnist_dir: Pa
     again = features.fashion_mnist_extractor(fmnist_dir, cache_dir)
     assert again.name == extractor.name and again.test_accuracy == extractor.test_accuracy
     assert all(torch.equal(a, b) for a, b in zip(extractor(test[:64]), again(test[:64])))
+    # Images without the padding (a model trained with data.crop 2 makes 28x28 samples) have the same features.
+    assert all(torch.equal(a, b) for a, b in zip(extractor(test[:64]), extractor(test[:64, :, 2:30, 2:30])))
 
 
 def test_fid_of_real_images_is_small_and_rises_with_every_corruption(fmnist_dir: Path, extractor,
@@ -209,7 +211,8 @@ def test_evaluate_cli_prints_the_metric_by_name(workdir: Path, extractor) -> Non
 
 # ---------------------------------------------------------------- FID during training (eval.every_epochs)
 
-def test_fid_during_training_is_logged_and_equals_an_independent_evaluation(workdir: Path, extractor,
+@pytest.mark.parametrize("crop", [0, 2])
+def test_fid_during_training_is_logged_and_equals_an_independent_evaluation(crop: int, workdir: Path, extractor,
                                                                              reference_stats) -> None:
     import csv
 
@@ -219,7 +222,7 @@ def test_fid_during_training_is_logged_and_equals_an_independent_evaluation(work
     from helpers import tiny_config
     cfg = tiny_config(**{"data.dataset": "fashion-mnist", "data.subset": 16, "train.epochs": 2,
                          "eval.every_epochs": 1, "eval.num_samples": 24, "sample.sampler": "ddim",
-                         "sample.steps": 4})
+                         "sample.steps": 4, "data.crop": crop})  # crop 2: the native 28x28
     metrics = train.train(cfg, progress=False)
     rows = list(csv.DictReader((workdir / "runs/tiny/history.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"] and all(r["fid"] and r["class_coverage"] for r in rows)
@@ -227,8 +230,10 @@ def test_fid_during_training_is_logged_and_equals_an_independent_evaluation(work
     saved = json.loads((workdir / "runs/tiny/metrics.json").read_text())
     assert saved["fid"] == float(rows[-1]["fid"]) and saved["fid_epoch"] == 2
     state = load_checkpoint(workdir / "runs/tiny/checkpoint.pt")
+    assert state["model_args"]["image_size"] == 32 - 2 * crop
     images = sample.generate(model_from_checkpoint(state), sample.schedule_from_config(state["config"]), 24,
                              steps=4, sampler="ddim", variance="auto", seed=train.derive_seed(cfg.seed, 5))
+    assert images.shape[-2:] == (32 - 2 * crop,) * 2
     assert float(rows[-1]["fid"]) == pytest.approx(score(images, extractor, reference_stats), abs=1e-4)
 
 
@@ -238,6 +243,7 @@ def test_with_fid_during_training_the_sampler_settings_may_not_change_on_resume(
     on = {"data.dataset": "fashion-mnist", "eval.every_epochs": 1}
     saved = config.to_dict(tiny_config(**on))
     assert train.config_diff(saved, config.to_dict(tiny_config(**on, **{"sample.steps": 3}))) == ["sample.steps"]
+    assert train.config_diff(saved, config.to_dict(tiny_config(**on, **{"data.crop": 2}))) == ["data.crop"]
     off = config.to_dict(tiny_config())
     assert train.config_diff(off, config.to_dict(tiny_config(**{"sample.steps": 3}))) == []
     old = {k: v for k, v in off.items() if k != "eval"}  # a checkpoint written before eval.* existed

@@ -996,12 +996,15 @@ def test_checkpoint_without_a_dataset_identity_still_resumes(tiny_run, workdir: 
     assert_same_training(checkpoint.load_checkpoint(out / "checkpoint.pt"), ref.state)
 
 
-def test_fresh_removes_the_old_sample_grids(tiny_run, workdir: Path, capsys) -> None:
+def test_fresh_removes_the_old_sample_grids_and_evaluations(tiny_run, workdir: Path, capsys) -> None:
     out = copy_run(tiny_run(**{"train.epochs": 2, "sample.every_epochs": 1}), workdir)
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+    (out / "eval" / "samples_10_posterior_0").mkdir(parents=True)  # what evaluate.py leaves of the old weights
+    (out / "eval" / "samples_10_posterior_0_n500_fashion-mnist.json").write_text("{}")
     train.main(["--config", write_config(tiny_config()), "--fresh"])  # 1 epoch, no grids
     assert capsys.readouterr().out.startswith(f"done: epoch 1, step {STEPS_PER_EPOCH}")
     assert list((out / "samples").iterdir()) == []
+    assert not (out / "eval").exists()
     assert [r["epoch"] for r in read_history(out)] == [1]
 
 
