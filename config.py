@@ -264,6 +264,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def image_size(cfg: Config) -> int:
+    """The side of the images a run trains on and samples: data.py prepares both datasets at 32x32, less data.crop
+    on each side."""
+    return 32 - 2 * cfg.data.crop
+
+
 def _cross_checks(cfg: Config) -> None:
     d, s = cfg.diffusion, cfg.sample
     if d.beta_start > d.beta_end:  # make_schedule checks this for every kind
@@ -275,8 +281,7 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"eval.features: fashion-mnist scores Fashion-MNIST samples, not {cfg.data.dataset} "
                           "(use auto or inception)")
     try:
-        check_unet_args(cfg.model.channels, cfg.model.channel_mult, cfg.model.attn_resolutions,
-                        image_size=32 - 2 * cfg.data.crop)  # both datasets are prepared at 32x32
+        check_unet_args(cfg.model.channels, cfg.model.channel_mult, cfg.model.attn_resolutions, image_size(cfg))
     except ValueError as e:
         raise ConfigError(f"model: {e}" + (f" (data.crop {cfg.data.crop})" if cfg.data.crop else "")) from None
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import config
 import ddpm
 import runtime
 import sample
@@ -180,6 +181,15 @@ def inception_extractor(device: torch.device | str = "cpu") -> InceptionExtracto
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise EvalError(f"{path}: cannot load the Inception weights ({reason}); download {url} again") from None
     return InceptionExtractor(net, torch.device(device))
+
+
+def check_classifier_fits(image_size: int, what: str) -> None:
+    """The Fashion-MNIST classifier scores the 28x28 garment: a model trained with data.crop above 2 makes smaller
+    samples, which it cannot score (EvalError)."""
+    from features import SIZE
+    if image_size < SIZE:
+        raise EvalError(f"{what}: its {image_size}x{image_size} samples are smaller than the {SIZE}x{SIZE} images the "
+                        f"Fashion-MNIST classifier scores (data.crop at most 2)")
 
 
 def feature_extractor(features: str, device: torch.device, stats_cache: str | Path, progress: bool) -> Extractor:
@@ -470,6 +480,8 @@ def plan_evaluation(e: Evaluation, source: Source) -> Plan:
     if e.features == "fashion-mnist" and source.dataset != "fashion-mnist":
         raise EvalError(f"--features fashion-mnist scores Fashion-MNIST samples; {source.name} was trained on "
                         f"{source.dataset}")
+    if e.features == "fashion-mnist":
+        check_classifier_fits(source.model.image_size, source.name)
     ref = default_ref(source.dataset, e.features) if e.ref is None else Path(e.ref)
     if not ref.exists():
         raise EvalError(f"{ref}: reference not found" + ("" if ref.suffix != ".npy" else
@@ -562,7 +574,7 @@ def evaluate(checkpoint_path: str | Path | None, settings: Evaluation = Evaluati
 
 # ---------------------------------------------------------------- FID during training
 
-def training_scorer(cfg, device: torch.device, *, stats_cache: str | Path = "data/fid_stats",
+def training_scorer(cfg: config.Config, device: torch.device, *, stats_cache: str | Path = "data/fid_stats",
                     progress: bool = True) -> Callable[[torch.nn.Module, int], dict]:
     """For train.py's `eval.every_epochs`: a function (EMA model, seed) -> {"fid", and "class_coverage" or
     "is_mean"} that scores `eval.num_samples` samples of the sample.* sampler. `eval.features` auto is the
@@ -570,6 +582,8 @@ def training_scorer(cfg, device: torch.device, *, stats_cache: str | Path = "dat
     set) for CIFAR-10. Everything it needs is built now: a missing piece is an EvalError before training starts."""
     features = cfg.eval.features if cfg.eval.features != "auto" else \
         ("fashion-mnist" if cfg.data.dataset == "fashion-mnist" else "inception")
+    if features == "fashion-mnist":
+        check_classifier_fits(config.image_size(cfg), f"data.crop {cfg.data.crop}")
     extractor = feature_extractor(features, device, stats_cache, progress)
     ref_stats = reference_stats(default_ref(cfg.data.dataset, features), extractor, cache_dir=stats_cache,
                                 progress=progress)

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+SIZE = 28  # the classifier's input: Fashion-MNIST's own images, without data.py's 2-pixel padding
 RECIPE = {"version": 1, "width": 16, "features": 128, "epochs": 4, "batch_size": 128, "max_lr": 2e-3, "seed": 0,
-          "crop": 2, "random_flip": True, "threads": 1}
+          "crop": 2, "random_flip": True, "threads": 1}  # crop: the padding of the 32x32 images it trains on
 MIN_ACCURACY = 0.90  # small CNNs reach 91-93% on Fashion-MNIST; below this the features are not trusted
 METRIC = "FID (Fashion-MNIST classifier features)"
 
@@ -53,12 +54,13 @@ class Classifier(nn.Module):
         return f, self.head(f)
 
 
-def to_input(images: Tensor, crop: int = RECIPE["crop"]) -> Tensor:
-    """uint8 (B, C, 32, 32), C = 1 or 3 identical channels -> float (B, 1, 28, 28) in [-1, 1], the padding cut;
-    images already 28x28 (a model trained with data.crop 2) are taken whole."""
+def to_input(images: Tensor) -> Tensor:
+    """uint8 (B, C, H, H), C = 1 or 3 identical channels, the garment centred (32x32 as data.py prepares it, or down
+    to 28x28 from a model trained with data.crop) -> float (B, 1, 28, 28) in [-1, 1], the border cut."""
     assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] in (1, 3), (images.dtype, images.shape)
-    crop = 0 if images.shape[2:] == (28, 28) else crop
-    x = images[:, :1, crop:images.shape[2] - crop, crop:images.shape[3] - crop]
+    assert images.shape[2] == images.shape[3] >= SIZE, f"expected H = W >= {SIZE}, got {tuple(images.shape)}"
+    b = (images.shape[2] - SIZE) // 2
+    x = images[:, :1, b:b + SIZE, b:b + SIZE]
     return x.float() / 127.5 - 1.0
 
 
@@ -80,6 +82,7 @@ def train_classifier(images: Tensor, labels: Tensor, recipe: dict = RECIPE, *, p
     """The classifier trained by `recipe` on uint8 images (N, C, 32, 32) and labels (N,): Adam with a one-cycle
     learning rate, random flips, fixed seed and thread count. Deterministic: same inputs, same weights."""
     assert len(images) == len(labels) > 0, (images.shape, labels.shape)
+    assert images.shape[2] - 2 * recipe["crop"] == SIZE, f"expected images padded by {recipe['crop']}: {images.shape}"
     from tqdm.auto import tqdm
     with _Threads(recipe["threads"]):
         g = torch.Generator().manual_seed(recipe["seed"])
@@ -98,7 +101,7 @@ def train_classifier(images: Tensor, labels: Tensor, recipe: dict = RECIPE, *, p
                 flip = torch.rand(len(images), generator=g) < 0.5
                 for i in range(per_epoch):
                     idx = perm[i * bs:(i + 1) * bs]
-                    x = to_input(images[idx], recipe["crop"])
+                    x = to_input(images[idx])
                     if recipe["random_flip"]:
                         x = torch.where(flip[idx, None, None, None], x.flip(3), x)
                     loss = F.cross_entropy(model(x)[1], y_all[idx])
@@ -112,7 +115,7 @@ def train_classifier(images: Tensor, labels: Tensor, recipe: dict = RECIPE, *, p
 
 @torch.no_grad()
 def predict(model: Classifier, images: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
-    """Features (N, F) and logits (N, 10), float32, of uint8 images (N, C, 32, 32) or (N, C, 28, 28)."""
+    """Features (N, F) and logits (N, 10), float32, of uint8 images (N, C, H, H) (`to_input`)."""
     outs = [model(to_input(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
     return torch.cat([f for f, _ in outs]), torch.cat([z for _, z in outs])
 
@@ -130,8 +133,8 @@ def class_coverage(logits: np.ndarray | Tensor) -> float:
 
 
 class FashionMNISTExtractor:
-    """evaluate.py's Extractor: uint8 (B, C, 32, 32) or (B, C, 28, 28) -> (features (B, 128), logits (B, 10)). `name` keys the stats
-    cache, so statistics of one classifier are never used with another."""
+    """evaluate.py's Extractor: uint8 (B, C, H, H), 28 <= H <= 32 (`to_input`) -> (features (B, 128), logits (B, 10)).
+    `name` keys the stats cache, so statistics of one classifier are never used with another."""
 
     def __init__(self, model: Classifier, key: str, test_accuracy: float):
         self.model, self.test_accuracy = model, test_accuracy

@@ -62,8 +62,10 @@ def test_the_recipe_reaches_its_accuracy_and_is_cached(extractor, fmnist_dir: Pa
     again = features.fashion_mnist_extractor(fmnist_dir, cache_dir)
     assert again.name == extractor.name and again.test_accuracy == extractor.test_accuracy
     assert all(torch.equal(a, b) for a, b in zip(extractor(test[:64]), again(test[:64])))
-    # Images without the padding (a model trained with data.crop 2 makes 28x28 samples) have the same features.
-    assert all(torch.equal(a, b) for a, b in zip(extractor(test[:64]), extractor(test[:64, :, 2:30, 2:30])))
+    # Images with less padding or none (a model trained with data.crop 1 or 2 makes 30x30 or 28x28 samples) have the
+    # same features.
+    for c in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(extractor(test[:64]), extractor(test[:64, :, c:32 - c, c:32 - c])))
 
 
 def test_fid_of_real_images_is_small_and_rises_with_every_corruption(fmnist_dir: Path, extractor,
@@ -156,14 +158,14 @@ def test_missing_labels_is_one_clear_error(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- evaluate.py --features fashion-mnist
 
-def fmnist_checkpoint(path: Path, dataset: str = "fashion-mnist") -> Path:
+def fmnist_checkpoint(path: Path, dataset: str = "fashion-mnist", crop: int = 0) -> Path:
     channels = 1 if dataset == "fashion-mnist" else 3
     args = dict(in_channels=channels, channels=32, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[],
-                dropout=0.0, image_size=32)
+                dropout=0.0, image_size=32 - 2 * crop)
     torch.manual_seed(0)
     model = UNet(**args)
     cfg = config.to_dict(config.load_config(None, [
-        f"data.dataset={dataset}", "model.channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
+        f"data.dataset={dataset}", f"data.crop={crop}", "model.channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
         "model.attn_resolutions=[]", "model.dropout=0.0", "diffusion.num_timesteps=20"]))
     save_checkpoint(path, {"model": model.state_dict(), "ema": model.state_dict(), "optimizer": {}, "step": 7,
                            "epoch": 1, "config": cfg, "model_args": args})
@@ -207,6 +209,10 @@ def test_evaluate_cli_prints_the_metric_by_name(workdir: Path, extractor) -> Non
     r = run_cli("evaluate.py", "--checkpoint", str(cifar), "--features", "fashion-mnist", "--num-samples", "20",
                 cwd=workdir)
     assert r.returncode == 2 and "trained on cifar10" in one_error_line(r.stderr)
+    cut = fmnist_checkpoint(workdir / "cut" / "checkpoint.pt", crop=3)  # 26x26 samples: the garment cut
+    r = run_cli("evaluate.py", "--checkpoint", str(cut), "--features", "fashion-mnist", "--num-samples", "20",
+                cwd=workdir)
+    assert r.returncode == 2 and "26x26 samples are smaller than the 28x28 images" in one_error_line(r.stderr)
 
 
 # ---------------------------------------------------------------- FID during training (eval.every_epochs)
@@ -235,6 +241,16 @@ def test_fid_during_training_is_logged_and_equals_an_independent_evaluation(crop
                              steps=4, sampler="ddim", variance="auto", seed=train.derive_seed(cfg.seed, 5))
     assert images.shape[-2:] == (32 - 2 * crop,) * 2
     assert float(rows[-1]["fid"]) == pytest.approx(score(images, extractor, reference_stats), abs=1e-4)
+
+
+def test_fid_during_training_refuses_a_crop_into_the_garment_before_anything_is_written(workdir: Path) -> None:
+    import train
+    from helpers import tiny_config
+    cfg = tiny_config(**{"data.dataset": "fashion-mnist", "data.subset": 16, "eval.every_epochs": 1,
+                         "data.crop": 3})  # 26x26
+    with pytest.raises(config.ConfigError, match=r"eval.every_epochs .*data.crop 3: its 26x26 samples are smaller"):
+        train.train(cfg, progress=False)
+    assert not (workdir / "runs").exists()
 
 
 def test_with_fid_during_training_the_sampler_settings_may_not_change_on_resume() -> None:
