@@ -21,16 +21,18 @@ import yaml
 from ddpm import SAMPLERS, SPACINGS, VARIANCES, Sampling
 
 
-GROUPS = 32
+GROUPS = 32  # GroupNorm's groups in the paper's network (model.norm_groups' default)
 
 
 def check_unet_args(channels: int, channel_mult: Sequence[int], attn_resolutions: Sequence[int], image_size: int,
-                    in_channels: int = 3) -> None:
+                    in_channels: int = 3, norm_groups: int = GROUPS) -> None:
     """Raise ValueError for settings the network cannot be built with (UNet uses this too)."""
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-    if channels < 1 or channels % GROUPS:
-        raise ValueError(f"channels must be a positive multiple of {GROUPS} (GroupNorm groups), got {channels}")
+    if norm_groups < 1:
+        raise ValueError(f"norm_groups must be >= 1, got {norm_groups}")
+    if channels < 1 or channels % norm_groups:
+        raise ValueError(f"channels must be a positive multiple of {norm_groups} (GroupNorm groups), got {channels}")
     if not channel_mult or any(m < 1 for m in channel_mult):
         raise ValueError(f"channel_mult must be non-empty positive integers, got {tuple(channel_mult)}")
     factor = 2 ** (len(channel_mult) - 1)
@@ -94,6 +96,7 @@ class Model:
     num_res_blocks: int = field(default=2, metadata=_check(lambda v: 1 <= v <= 8, "in [1, 8]"))
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = field(default=0.1, metadata=_PROB)
+    norm_groups: int = field(default=GROUPS, metadata=_POS)  # GroupNorm's groups; channels must be a multiple
 
 
 @dataclass(frozen=True)
@@ -281,7 +284,8 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"eval.features: fashion-mnist scores Fashion-MNIST samples, not {cfg.data.dataset} "
                           "(use auto or inception)")
     try:
-        check_unet_args(cfg.model.channels, cfg.model.channel_mult, cfg.model.attn_resolutions, image_size(cfg))
+        check_unet_args(cfg.model.channels, cfg.model.channel_mult, cfg.model.attn_resolutions, image_size(cfg),
+                        norm_groups=cfg.model.norm_groups)
     except ValueError as e:
         raise ConfigError(f"model: {e}" + (f" (data.crop {cfg.data.crop})" if cfg.data.crop else "")) from None
 

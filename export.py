@@ -26,7 +26,6 @@ from torch import Tensor
 
 import ddpm
 from checkpoint import CheckpointError, load_checkpoint, model_args
-from config import GROUPS
 from unet import UNet
 
 _BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> DDPMScheduler's (same betas)
@@ -35,11 +34,11 @@ _VARIANCES = {"beta": "fixed_large", "posterior": "fixed_small"}      # σ² = �
 # The UNet2DModel settings that have one value here, and the ones this network can take.
 _FIXED = {"center_input_sample": False, "time_embedding_type": "positional", "freq_shift": 1, "flip_sin_to_cos": False,
           "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1, "downsample_type": "conv",
-          "upsample_type": "conv", "act_fn": "silu", "norm_num_groups": GROUPS, "resnet_time_scale_shift": "default",
+          "upsample_type": "conv", "act_fn": "silu", "resnet_time_scale_shift": "default",
           "add_attention": True, "class_embed_type": None, "num_class_embeds": None}
 _FREE = {"sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
          "up_block_types", "downsample_padding", "norm_eps", "dropout", "attention_head_dim", "time_embedding_dim",
-         "attn_norm_num_groups", "num_train_timesteps"}  # the last: only for a learned time embedding
+         "norm_num_groups", "attn_norm_num_groups", "num_train_timesteps"}  # the last: only for a learned time embedding
 _DIFFUSERS_PADDING = {"tf_same": 0, "symmetric": 1}  # diffusers' 0 pads (0, 1, 0, 1) as TF's "SAME" does
 
 
@@ -58,7 +57,7 @@ def diffusers_config(model_args: Mapping[str, Any]) -> dict:
         up_block_types=["AttnUpBlock2D" if x else "UpBlock2D" for x in reversed(attn)],
         attention_head_dim=None,  # one head of all the channels, as here (and in google/ddpm-cifar10-32)
         downsample_padding=_DIFFUSERS_PADDING[a["downsample_padding"]], norm_eps=a["norm_eps"],
-        norm_num_groups=GROUPS, freq_shift=1, flip_sin_to_cos=False, time_embedding_type="positional",
+        norm_num_groups=a["norm_groups"], freq_shift=1, flip_sin_to_cos=False, time_embedding_type="positional",
         act_fn="silu", dropout=a["dropout"], mid_block_scale_factor=1, center_input_sample=False)
 
 
@@ -74,9 +73,9 @@ def model_args_from_diffusers(config: Mapping[str, Any]) -> dict:
     for key, value in _FIXED.items():
         if c[key] != value:
             raise ValueError(f"UNet2DModel config: {key}={c[key]!r}, the DDPM UNet has {value!r}")
-    if c["attn_norm_num_groups"] not in (None, GROUPS):
+    if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
         raise ValueError(f"UNet2DModel config: attn_norm_num_groups={c['attn_norm_num_groups']!r}, the DDPM UNet "
-                         f"has {GROUPS} (or None)")
+                         f"has norm_num_groups={c['norm_num_groups']!r} (or None)")
     size, chans, down = c["sample_size"], list(c["block_out_channels"]), list(c["down_block_types"])
     size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
     if not isinstance(size, int):
@@ -101,7 +100,7 @@ def model_args_from_diffusers(config: Mapping[str, Any]) -> dict:
                 channel_mult=[ch // chans[0] for ch in chans], num_res_blocks=c["layers_per_block"],
                 attn_resolutions=[size // 2 ** i for i, t in enumerate(down) if t.startswith("Attn")],
                 dropout=c["dropout"], image_size=size, norm_eps=c["norm_eps"],
-                downsample_padding=padding)
+                downsample_padding=padding, norm_groups=c["norm_num_groups"])
 
 
 # ---------------------------------------------------------------------------------------- the diffusers bridge

@@ -403,7 +403,7 @@ def unet_args(cfg: Config, image_shape: tuple[int, ...], saved: dict | None) -> 
     m = cfg.model
     args = dict(in_channels=image_shape[0], channels=m.channels, channel_mult=list(m.channel_mult),
                 num_res_blocks=m.num_res_blocks, attn_resolutions=list(m.attn_resolutions), dropout=m.dropout,
-                image_size=image_shape[-1], norm_eps=1e-6, downsample_padding="tf_same")
+                image_size=image_shape[-1], norm_eps=1e-6, downsample_padding="tf_same", norm_groups=m.norm_groups)
     if saved is not None:
         layout = checkpoint_model_args(saved)
         args.update(norm_eps=layout["norm_eps"], downsample_padding=layout["downsample_padding"])

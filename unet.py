@@ -60,12 +60,12 @@ class Dropout(nn.Dropout):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, eps: float):
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, eps: float, groups: int = GROUPS):
         super().__init__()
-        self.norm1 = nn.GroupNorm(GROUPS, c_in, eps)
+        self.norm1 = nn.GroupNorm(groups, c_in, eps)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, c_out)
-        self.norm2 = nn.GroupNorm(GROUPS, c_out, eps)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps)
         self.dropout = Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -80,9 +80,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions."""
 
-    def __init__(self, c: int, eps: float):
+    def __init__(self, c: int, eps: float, groups: int = GROUPS):
         super().__init__()
-        self.norm = nn.GroupNorm(GROUPS, c, eps)
+        self.norm = nn.GroupNorm(groups, c, eps)
         self.qkv = nn.Conv2d(c, 3 * c, 1)
         self.proj = _zero(nn.Conv2d(c, c, 1))
 
@@ -146,9 +146,9 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 3, out_channels: int | None = None, channels: int = 128,
                  channel_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1, image_size: int = 32,
-                 norm_eps: float = 1e-6, downsample_padding: str = "tf_same"):
+                 norm_eps: float = 1e-6, downsample_padding: str = "tf_same", norm_groups: int = GROUPS):
         super().__init__()
-        check_args(channels, channel_mult, attn_resolutions, image_size, in_channels)
+        check_args(channels, channel_mult, attn_resolutions, image_size, in_channels, norm_groups)
         if not norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {norm_eps}")
         if downsample_padding not in PADDINGS:
@@ -161,7 +161,7 @@ class UNet(nn.Module):
         out_channels = in_channels if out_channels is None else out_channels
         if out_channels < 1:
             raise ValueError(f"out_channels must be >= 1, got {out_channels}")
-        temb_dim = 4 * channels
+        temb_dim, norm = 4 * channels, (norm_eps, norm_groups)  # every GroupNorm's eps and groups
         self.channels = channels
         self.temb = nn.Sequential(nn.Linear(channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
@@ -171,7 +171,7 @@ class UNet(nn.Module):
         skips, c, res = [channels], channels, image_size
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                self.down.append(self._block(c, channels * mult, temb_dim, dropout, res in attn_resolutions, norm_eps))
+                self.down.append(self._block(c, channels * mult, temb_dim, dropout, res in attn_resolutions, norm))
                 c = channels * mult
                 skips.append(c)
             if level != len(channel_mult) - 1:
@@ -179,26 +179,27 @@ class UNet(nn.Module):
                 res //= 2
                 skips.append(c)
 
-        self.mid = nn.ModuleList([ResBlock(c, c, temb_dim, dropout, norm_eps), AttnBlock(c, norm_eps),
-                                  ResBlock(c, c, temb_dim, dropout, norm_eps)])
+        self.mid = nn.ModuleList([ResBlock(c, c, temb_dim, dropout, *norm), AttnBlock(c, *norm),
+                                  ResBlock(c, c, temb_dim, dropout, *norm)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
                 self.up.append(self._block(c + skips.pop(), channels * mult, temb_dim, dropout, res in attn_resolutions,
-                                           norm_eps))
+                                           norm))
                 c = channels * mult
             if level != 0:
                 self.up.append(Upsample(c))
                 res *= 2
         assert not skips
-        self.norm_out = nn.GroupNorm(GROUPS, c, norm_eps)
+        self.norm_out = nn.GroupNorm(norm_groups, c, norm_eps)
         self.conv_out = _zero(nn.Conv2d(c, out_channels, 3, padding=1))
 
     @staticmethod
-    def _block(c_in: int, c_out: int, temb_dim: int, dropout: float, attn: bool, eps: float) -> nn.ModuleList:
-        return nn.ModuleList([ResBlock(c_in, c_out, temb_dim, dropout, eps)]
-                             + ([AttnBlock(c_out, eps)] if attn else []))
+    def _block(c_in: int, c_out: int, temb_dim: int, dropout: float, attn: bool, norm: tuple[float, int]
+               ) -> nn.ModuleList:
+        return nn.ModuleList([ResBlock(c_in, c_out, temb_dim, dropout, *norm)]
+                             + ([AttnBlock(c_out, *norm)] if attn else []))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         B, C, H, W = x.shape

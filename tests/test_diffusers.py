@@ -108,6 +108,7 @@ STRUCTURES = [
     {**TINY, "channel_mult": [1, 1, 3], "num_res_blocks": 3, "attn_resolutions": []},
     {**TINY, "channel_mult": [1], "attn_resolutions": [16]},
     {**TINY, "out_channels": 2, "norm_eps": 1e-5, "downsample_padding": "symmetric"},  # the legacy layout
+    {**TINY, "norm_groups": 8},  # model.norm_groups: diffusers' norm_num_groups
 ]
 
 
@@ -148,8 +149,21 @@ def test_every_group_norm_has_the_models_eps(eps: float) -> None:
     assert {m.eps for m in norms} == {m.eps for m in theirs.modules() if isinstance(m, torch.nn.GroupNorm)} == {eps}
 
 
+@pytest.mark.parametrize("groups", [8, 32])
+def test_every_group_norm_has_the_models_groups(groups: int) -> None:
+    """As diffusers applies norm_num_groups to every GroupNorm (residual, attention, output)."""
+    model = UNet(**{**TINY, "norm_groups": groups})
+    theirs = UNet2DModel(**diffusers_config({**TINY, "norm_groups": groups}))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == sum(isinstance(m, torch.nn.GroupNorm) for m in theirs.modules())
+    assert {m.num_groups for m in norms} == {groups}
+    assert {m.num_groups for m in theirs.modules() if isinstance(m, torch.nn.GroupNorm)} == {groups}
+
+
 @pytest.mark.parametrize("change, message", [({"norm_eps": 0.0}, "norm_eps must be > 0"),
-                                             ({"downsample_padding": "same"}, "downsample_padding must be one of")])
+                                             ({"downsample_padding": "same"}, "downsample_padding must be one of"),
+                                             ({"norm_groups": 0}, "norm_groups must be >= 1"),
+                                             ({"norm_groups": 12}, "channels must be a positive multiple of 12")])
 def test_bad_layout_arguments_raise_value_error(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         UNet(**{**TINY, **change})
@@ -240,7 +254,7 @@ def test_to_diffusers_names_the_first_key_that_does_not_fit() -> None:
     ({"num_class_embeds": 10}, "num_class_embeds=10"),
     ({"up_block_types": ["UpBlock2D", "AttnUpBlock2D"]}, "are not the DDPM UNet's"),
     ({"block_out_channels": [64, 96]}, "not multiples of the first"),
-    ({"norm_num_groups": 16}, "norm_num_groups=16"),
+    ({"attn_norm_num_groups": 16}, "attn_norm_num_groups=16"),
 ])
 def test_model_args_from_diffusers_refuses_what_this_unet_cannot_compute(change: dict, named: str) -> None:
     cfg = dict(UNet2DModel(**{**TINY_1CH, **change}).config)
