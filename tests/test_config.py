@@ -51,6 +51,8 @@ REFUSED = {
     "ema-power-negative": (None, ["train.ema_power=-0.5"], "train.ema_power"),
     "loss-weighting-unknown": (None, ["train.loss_weighting=p2"], "train.loss_weighting"),
     "snr-gamma-zero": (None, ["train.snr_gamma=0"], "train.snr_gamma"),
+    "norm-groups-zero": (None, ["model.norm_groups=0"], "model.norm_groups"),
+    "norm-groups-not-dividing-channels": (None, ["model.norm_groups=12"], "model: channels must be a positive multiple of 12"),
     "missing-file": ("<missing>", [], "missing.yaml: config file not found"),
     "no-config-yaml-here": ("<default>", [], "config.yaml: config file not found"),
     "malformed-yaml": ("train: [1,\n", [], "c.yaml: malformed YAML"),

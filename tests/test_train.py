@@ -521,7 +521,8 @@ def test_warmup_shows_in_the_history(tiny_run) -> None:
 
 # ---------------------------------------------------------------- determinism and resuming
 KNOBS = {"train.lr_schedule": "cosine", "train.min_lr": 1e-4, "train.ema_warmup": True, "train.ema_decay": 0.999,
-         "train.loss_weighting": "min_snr", "train.snr_gamma": 2.0}  # every quality-per-minute key on
+         "train.loss_weighting": "min_snr", "train.snr_gamma": 2.0,
+         "model.norm_groups": 8}  # every quality-per-minute key on
 
 
 def test_max_steps_stops_mid_epoch_with_a_partial_epoch_row_and_the_lr_at_min_lr(tiny_run) -> None:
@@ -546,6 +547,10 @@ def test_min_snr_and_ema_warmup_reach_the_step(tiny_run) -> None:
     assert torch.equal(flat_weights(one["ema"]), flat_weights(one["model"]))
     two = tiny_run(**KNOBS, **{"train.max_steps": 2}).state
     assert not torch.equal(flat_weights(two["ema"]), flat_weights(two["model"]))
+    # model.norm_groups: recorded with the network, and every GroupNorm of the network the checkpoint rebuilds has it
+    assert one["model_args"]["norm_groups"] == 8
+    norms = [m for m in checkpoint.model_from_checkpoint(one).modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and {m.num_groups for m in norms} == {8}
 
 
 @pytest.mark.parametrize("key, value, weights", [("train.lr_schedule", "cosine", "model"),
