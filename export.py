@@ -38,7 +38,8 @@ _FIXED = {"center_input_sample": False, "time_embedding_type": "positional", "fr
           "add_attention": True, "class_embed_type": None, "num_class_embeds": None}
 _FREE = {"sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
          "up_block_types", "downsample_padding", "norm_eps", "dropout", "attention_head_dim", "time_embedding_dim",
-         "norm_num_groups", "attn_norm_num_groups", "num_train_timesteps"}  # the last: only for a learned time embedding
+         "norm_num_groups", "attn_norm_num_groups",
+         "num_train_timesteps"}  # the last: only for a learned time embedding
 _DIFFUSERS_PADDING = {"tf_same": 0, "symmetric": 1}  # diffusers' 0 pads (0, 1, 0, 1) as TF's "SAME" does
 
 

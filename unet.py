@@ -1,7 +1,7 @@
 """The DDPM paper's CIFAR-10 network (Ho et al. 2020, Appendix B; hojonathanho/diffusion's unet.py).
 
-A PixelCNN++-style U-Net of Wide-ResNet blocks with GroupNorm(32), a sinusoidal time embedding fed through
-an MLP into every residual block, and self-attention at 16x16. 35.7M parameters at the defaults.
+A PixelCNN++-style U-Net of Wide-ResNet blocks with GroupNorm (32 groups; `norm_groups`), a sinusoidal time
+embedding fed through an MLP into every residual block, and self-attention at 16x16. 35.7M parameters at the defaults.
 Output layers are zero-initialised as in the original code, so the untrained model predicts ε = 0.
 
 The defaults compute the official network's function, as diffusers' conversion of it (google/ddpm-cifar10-32)
